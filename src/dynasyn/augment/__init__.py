@@ -1,0 +1,1 @@
+"""Concept-based prompt-and-image augmentation (the paper's Steps 1-4)."""

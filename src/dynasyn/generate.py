@@ -1,0 +1,128 @@
+"""Inference with a trained run: load it with stock diffusers calls, render prompts, write grids."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from dynasyn.errors import InputError
+from dynasyn.tokens import placeholders_in
+
+RUN_INFO = "run.json"
+EMBEDS = "learned_embeds.safetensors"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def read_run(run: str | Path) -> dict:
+    """The run's ``run.json`` (written last, so its presence marks a finished run)."""
+    run = Path(run)
+    info = run / RUN_INFO
+    if not info.is_file():
+        raise InputError(
+            f"{run} is not a finished dynasyn run (no {RUN_INFO}); train it with `dynasyn train` "
+            "or finish it with `dynasyn train … --resume`"
+        )
+    return json.loads(info.read_text())
+
+
+def load_run(run: str | Path, model: str | None = None, device: str = "auto",
+             dtype: torch.dtype = torch.float32):
+    """A StableDiffusionPipeline with the run's weights, loaded through stock diffusers calls.
+
+    Full mode: the base pipeline with ``unet/`` and ``text_encoder/`` replaced; LoRA mode:
+    ``pipe.load_lora_weights(run)``; always: ``pipe.load_textual_inversion`` of the learned
+    placeholder embeddings. The sampler is DDIM.
+    """
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from dynasyn.models import load_pipeline, pick_device
+
+    run = Path(run)
+    info = read_run(run)
+    pipe = load_pipeline(model or info["base_model"], dtype=dtype)
+    if info["mode"] == "full":
+        pipe.unet = UNet2DConditionModel.from_pretrained(run / "unet", torch_dtype=dtype)
+        if (run / "text_encoder").is_dir():
+            pipe.text_encoder = CLIPTextModel.from_pretrained(run / "text_encoder", dtype=dtype)
+    elif info["mode"] == "lora":
+        pipe.load_lora_weights(str(run), weight_name=LORA_FILE)
+    embeds = load_file(str(run / EMBEDS))
+    pipe.load_textual_inversion(list(embeds.values()), token=list(embeds.keys()))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(pick_device(device))
+
+
+def check_placeholders(prompt: str, placeholders: Sequence[str]) -> None:
+    """Refuse a prompt that names a placeholder the run does not have."""
+    have = {int(re.search(r"\d+", p).group()) for p in placeholders}
+    for i in placeholders_in(prompt):
+        if i not in have:
+            raise InputError(
+                f"prompt {prompt!r} names <asset{i}> but this run has only "
+                f"{', '.join(placeholders)}; use one of those"
+            )
+
+
+def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
+    """Tile images row-major into one picture."""
+    if not images:
+        raise ValueError("no images to tile")
+    cols = cols or min(len(images), 4)
+    rows = (len(images) + cols - 1) // cols
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"
+
+
+def generate_images(
+    pipe,
+    prompts: Sequence[str],
+    out: str | Path,
+    n: int = 4,
+    seed: int = 0,
+    steps: int = 50,
+    guidance: float = 7.5,
+    negative_prompt: str | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Render ``n`` images per prompt (seeds seed…seed+n-1), write PNGs and one grid per prompt."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    device = pipe.unet.device
+    for prompt in tqdm(prompts, desc="generate", disable=not progress):
+        images = []
+        for j in range(n):
+            g = torch.Generator(device="cpu").manual_seed(seed + j)
+            im = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
+                      negative_prompt=negative_prompt, generator=g).images[0]
+            images.append(im)
+            p = out / f"{_slug(prompt)}_{seed + j}.png"
+            _save_png(im, p)
+            written.append(p)
+        grid = out / f"{_slug(prompt)}_grid.png"
+        _save_png(make_grid(images), grid)
+        written.append(grid)
+    del device
+    return written
+
+
+def _save_png(im: Image.Image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    im.save(tmp, format="PNG")
+    tmp.replace(path)

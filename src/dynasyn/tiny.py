@@ -1,0 +1,99 @@
+"""Tiny Stable-Diffusion-shaped pipelines built from configs (tests and step benchmarks).
+
+The shapes follow diffusers' own test configs, with the *real* CLIP tokenizer (49,408 tokens,
+built offline) so prompts tokenize exactly as they do for SD. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from dynasyn.bpe import clip_tokenizer
+
+
+def tiny_pipeline(
+    seed: int = 0,
+    prediction_type: str = "epsilon",
+    sample_size: int = 16,
+    cross_attention_dim: int = 32,
+) -> StableDiffusionPipeline:
+    """A randomly initialized SD pipeline: 64 px images, 16×16×4 latents.
+
+    UNet blocks at latent/1, /2, /4 all have cross-attention (so the default regularization
+    resolution, latent/4, exists as in SD at 512 px). ``prediction_type`` may be ``epsilon``
+    or ``v_prediction`` (SD 2.1's). Deterministic for a seed.
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=sample_size * 4,
+    )
+    tokenizer = clip_tokenizer(model_max_length=77)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            hidden_size=cross_attention_dim,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+        )
+    )
+    sched_kwargs = dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type=prediction_type,
+        clip_sample=False,
+    )
+    scheduler = DDIMScheduler(set_alpha_to_one=False, steps_offset=1, **sched_kwargs)
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_pipeline(path: str | Path, **kwargs) -> Path:
+    """Build :func:`tiny_pipeline` and save it in diffusers format (safetensors)."""
+    path = Path(path)
+    tiny_pipeline(**kwargs).save_pretrained(path, safe_serialization=True)
+    return path

@@ -1,0 +1,638 @@
+"""The two-phase DynASyn trainer on accelerate (one trainer for every preset).
+
+Phase 1 trains only the placeholder rows of the token-embedding table; phase 2 trains the
+placeholder rows + text encoder + UNet (full), or LoRA adapters on both (``lora_rank > 0``).
+Every step: union sampling, L_MD + L_M2A on the scene, L_ICA against the class-noun prior
+(stop-gradient, early-stopped attention-only pass), and L_AUG on one augmented item as a
+separate backward pass (gradients accumulate; the two graphs are never alive together).
+
+Determinism: each step's randomness is derived from (seed, step, process), and checkpoints hold
+weights and optimizer state, so a resumed run ends bit-identical to an uninterrupted one on CPU.
+Multi-process (``accelerate launch``): every process draws its own samples and gradients are
+averaged with ``accelerator.reduce`` before each optimizer step, so all processes hold identical
+weights (no DDP wrapper: the set of trainable parameters changes between the phases).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import shutil
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from dynasyn.attention import capturing, get_store, install_attention_capture, resolve_downsample
+from dynasyn.augment.data import AugItem, load_augmented
+from dynasyn.checkpoint import list_checkpoints, load_optimizer, read_checkpoint, write_checkpoint
+from dynasyn.config import TrainConfig, atomic_write_text
+from dynasyn.errors import InputError, TrainingError
+from dynasyn.losses import (
+    aug_loss,
+    ica_loss,
+    m2a_loss,
+    masked_diffusion_loss,
+    resize_masks,
+    total_loss,
+)
+from dynasyn.models import load_pipeline, resolve_model
+from dynasyn.sampling import sample_union, step_generator, step_rng
+from dynasyn.scene import Scene, load_scene
+from dynasyn.tokens import (
+    EncodedPrompt,
+    add_placeholders,
+    encode_template,
+    placeholder,
+    token_weights,
+    union_template,
+)
+
+log = logging.getLogger("dynasyn")
+
+RUN_INFO = "run.json"
+EMBEDS = "learned_embeds.safetensors"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+TE_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class _Latents:
+    mean: torch.Tensor  # (1, 4, h, w)
+    std: torch.Tensor
+
+
+class Trainer:
+    """Holds the models, the cached scene/augmented latents and runs both phases."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        out_dir: str | Path,
+        scene: Scene | None = None,
+        accelerator: Accelerator | None = None,
+        progress: bool = True,
+    ):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.progress = progress
+        cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        self.acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
+        self.device = self.acc.device
+        self.scene = scene or load_scene(cfg.scene, classes=cfg.classes or None)
+        self.classes = [s.class_noun for s in self.scene.subjects]
+        self.n = len(self.classes)
+
+        torch.manual_seed(cfg.seed)
+        pipe = load_pipeline(cfg.model)
+        self.base_model = resolve_model(cfg.model)
+        self.tokenizer = pipe.tokenizer
+        self.text_encoder = pipe.text_encoder
+        self.vae = pipe.vae
+        self.unet = pipe.unet
+        from diffusers import DDPMScheduler
+
+        self.scheduler_config = dict(pipe.scheduler.config)
+        self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.resolution = cfg.resolution or self.unet.config.sample_size * vae_factor
+
+        self.orig_vocab = len(self.tokenizer)
+        self.placeholder_ids = add_placeholders(self.tokenizer, self.text_encoder, self.classes)
+        for m in (self.vae, self.unet, self.text_encoder):
+            m.requires_grad_(False)
+        try:
+            self.downsample = resolve_downsample(self.unet, cfg.attention_downsample)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        self.store = install_attention_capture(self.unet, self.downsample)
+        self.vae.to(self.device)
+        self.unet.to(self.device)
+        self.text_encoder.to(self.device)
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            self.text_encoder.gradient_checkpointing_enable()
+
+        self.lambdas = dict(cfg.lambdas)
+        image, masks = self.scene.tensors(self.resolution)
+        self.scene_latents = {f: self._encode(image.flip(-1) if f else image) for f in (False, True)}
+        self.latent_size = self.scene_latents[False].mean.shape[-1]
+        self.att_size = self.latent_size // self.downsample
+        self.masks_lat = {
+            f: resize_masks(masks.flip(-1) if f else masks, self.latent_size) for f in (False, True)
+        }
+        self.masks_att = {
+            f: resize_masks(masks.flip(-1) if f else masks, self.att_size) for f in (False, True)
+        }
+        self.aug: list[AugItem] = []
+        self.aug_latents: list[_Latents] = []
+        if self.lambdas["aug"] > 0:
+            if cfg.augmented:
+                self.aug = load_augmented(cfg.augmented, self.n, self.resolution)
+                self.aug_latents = [self._encode(it.image) for it in self.aug]
+            else:
+                log.warning(
+                    "L_AUG is off: no augmented directory was given "
+                    "(run `dynasyn augment` first or use `dynasyn personalize`)"
+                )
+                self.lambdas["aug"] = 0.0
+        self.class_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self.phase = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.params: list[torch.nn.Parameter] = []
+        self.prior_unet = None
+        self.prior_te = None
+        self.lora = cfg.lora_rank > 0
+
+    # ------------------------------------------------------------------ setup helpers
+    @torch.no_grad()
+    def _encode(self, image: torch.Tensor) -> _Latents:
+        dist = self.vae.encode(image[None].to(self.device, self.vae.dtype)).latent_dist
+        return _Latents(dist.mean.float(), dist.std.float())
+
+    @property
+    def embedding(self) -> torch.nn.Parameter:
+        return self.text_encoder.get_input_embeddings().weight
+
+    def _setup_phase(self, phase: int) -> None:
+        cfg = self.cfg
+        self.phase = phase
+        emb = self.embedding
+        if phase == 1:
+            emb.requires_grad_(True)
+            groups = [{"params": [emb], "lr": cfg.phase1_lr}]
+        else:
+            if cfg.prior_model == "frozen" and not self.lora:
+                # the prior is the model as it was before phase 2 (UNet and text encoder
+                # untouched by phase 1 except placeholder rows, which class prompts never use)
+                self.prior_unet = copy.deepcopy(self.unet).requires_grad_(False)
+                self.prior_te = copy.deepcopy(self.text_encoder).requires_grad_(False)
+            if self.lora:
+                from peft import LoraConfig
+
+                torch.manual_seed(cfg.seed + 1)
+                r = cfg.lora_rank
+                self.unet.add_adapter(
+                    LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian",
+                               target_modules=UNET_LORA_TARGETS)
+                )
+                lora_params = [p for p in self.unet.parameters() if p.requires_grad]
+                if cfg.train_text_encoder:
+                    self.text_encoder.add_adapter(
+                        LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian",
+                                   target_modules=TE_LORA_TARGETS)
+                    )
+                    lora_params += [
+                        p for n, p in self.text_encoder.named_parameters() if "lora_" in n
+                    ]
+                for p in lora_params:
+                    p.data = p.data.float()
+                emb.requires_grad_(True)
+                groups = [
+                    {"params": lora_params, "lr": cfg.lora_lr},
+                    {"params": [emb], "lr": cfg.phase2_lr},
+                ]
+            else:
+                self.unet.requires_grad_(True)
+                self.text_encoder.requires_grad_(cfg.train_text_encoder)
+                emb.requires_grad_(True)
+                te_params = [p for p in self.text_encoder.parameters() if p.requires_grad]
+                groups = [{"params": list(self.unet.parameters()) + te_params,
+                           "lr": cfg.phase2_lr}]
+            self.unet.train()
+            self.text_encoder.train()
+        opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = opt_cls(
+            groups,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+            weight_decay=cfg.weight_decay,
+        )
+        self.params = [p for g in groups for p in g["params"]]
+
+    # ------------------------------------------------------------------ prompts
+    def _encode_text(self, text_encoder, prompts: list[EncodedPrompt]) -> torch.Tensor:
+        ids = torch.stack([p.input_ids for p in prompts]).to(self.device)
+        return text_encoder(ids)[0]
+
+    @contextmanager
+    def _prior(self):
+        """(unet, text_encoder) of the prior model for ICA / AUG (paper: the frozen model)."""
+        if self.phase == 1 or self.cfg.prior_model == "current":
+            yield self.unet, self.text_encoder
+        elif self.lora:
+            self.unet.disable_adapters()
+            if self.cfg.train_text_encoder:
+                self.text_encoder.disable_adapters()
+            try:
+                yield self.unet, self.text_encoder
+            finally:
+                self.unet.enable_adapters()
+                if self.cfg.train_text_encoder:
+                    self.text_encoder.enable_adapters()
+        else:
+            yield self.prior_unet, self.prior_te
+
+    def _class_embeddings(self, text_encoder, prompts: list[EncodedPrompt]) -> torch.Tensor:
+        """Class-prompt embeddings from the prior text encoder (cached when it is frozen)."""
+        cacheable = self.phase == 1 or self.cfg.prior_model == "frozen"
+        if not cacheable:
+            return self._encode_text(text_encoder, prompts)
+        out = []
+        for p in prompts:
+            key = tuple(p.input_ids.tolist())
+            if key not in self.class_cache:
+                self.class_cache[key] = self._encode_text(text_encoder, [p]).detach()
+            out.append(self.class_cache[key])
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def prior_maps(self, z: torch.Tensor, t: torch.Tensor, prompts: list[EncodedPrompt],
+                   num_slots: int) -> torch.Tensor:
+        """Â: class-noun attention of the prior model on (z_t, t), stop-gradient, early-stopped."""
+        with self._prior() as (unet, te):
+            enc = self._class_embeddings(te, prompts)
+            with self.acc.autocast(), capturing(get_store(unet), token_weights(prompts, num_slots).to(z.device),
+                                                stop_early=True) as maps:
+                unet(z, t, enc)
+        return maps[0]
+
+    # ------------------------------------------------------------------ one step
+    def _noisy(self, lat: _Latents | list[_Latents], gen: torch.Generator):
+        lats = lat if isinstance(lat, list) else [lat]
+        mean = torch.cat([x.mean for x in lats])
+        std = torch.cat([x.std for x in lats])
+        eps = torch.randn(mean.shape, generator=gen).to(self.device)
+        x0 = (mean + std * eps) * self.vae.config.scaling_factor
+        noise = torch.randn(x0.shape, generator=gen).to(self.device)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
+                          generator=gen).to(self.device)
+        z = self.noise_scheduler.add_noise(x0, noise, t)
+        if self.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(x0, noise, t)
+        else:
+            target = noise
+        return z, t, target
+
+    def scene_batch(self, rng, gen):
+        """Union-sample a batch of the scene: prompts, masks and noisy latents."""
+        cfg = self.cfg
+        subsets = [sample_union(self.n, rng, single=cfg.single_subject) for _ in range(cfg.batch_size)]
+        flips = [rng.random() < cfg.flip_p for _ in subsets]
+        k = max(len(s) for s in subsets)
+        tpl = [union_template(len(s), cfg.prompt_prefix) for s in subsets]
+        ph = [encode_template(self.tokenizer, t, [placeholder(i) for i in s])
+              for t, s in zip(tpl, subsets, strict=True)]
+        cl = [encode_template(self.tokenizer, t, [self.classes[i] for i in s])
+              for t, s in zip(tpl, subsets, strict=True)]
+        masks = torch.zeros(len(subsets), k, self.att_size, self.att_size)
+        valid = torch.zeros(len(subsets), k)
+        union = torch.zeros(len(subsets), 1, self.latent_size, self.latent_size)
+        for b, (s, f) in enumerate(zip(subsets, flips, strict=True)):
+            masks[b, : len(s)] = self.masks_att[f][s]
+            valid[b, : len(s)] = 1
+            union[b, 0] = self.masks_lat[f][s].amax(0)
+        z, t, target = self._noisy([self.scene_latents[f] for f in flips], gen)
+        dev = self.device
+        return dict(subsets=subsets, ph=ph, cl=cl, masks=masks.to(dev), valid=valid.to(dev),
+                    union=union.to(dev), z=z, t=t, target=target, k=k)
+
+    def scene_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """λ_MD L_MD + λ_M2A L_M2A + λ_ICA L_ICA on a union-sampled scene batch."""
+        lam = self.lambdas
+        enc = self._encode_text(self.text_encoder, batch["ph"])
+        w = token_weights(batch["ph"], batch["k"]).to(self.device)
+        need_maps = lam["m2a"] > 0 or lam["ica"] > 0
+        with self.acc.autocast(), capturing(self.store, w) if need_maps else nullcontext([]) as maps:
+            pred = self.unet(batch["z"], batch["t"], enc).sample
+        terms: dict[str, torch.Tensor] = {}
+        if lam["md"] > 0:
+            terms["md"] = masked_diffusion_loss(pred, batch["target"], batch["union"])
+        if lam["m2a"] > 0:
+            terms["m2a"] = m2a_loss(maps[0], batch["masks"], batch["valid"])
+        if lam["ica"] > 0:
+            prior = self.prior_maps(batch["z"], batch["t"], batch["cl"], batch["k"])
+            terms["ica"] = ica_loss(maps[0], prior, batch["masks"], batch["valid"])
+        return total_loss(terms, lam), terms
+
+    def aug_term(self, rng, gen) -> torch.Tensor:
+        """L_AUG on one augmented item (attention only, early-stopped passes)."""
+        j = rng.randrange(len(self.aug))
+        item = self.aug[j]
+        z, t, _ = self._noisy(self.aug_latents[j], gen)
+        k = len(item.subjects)
+        ph = [encode_template(self.tokenizer, item.template, [placeholder(s) for s in item.subjects])]
+        cl = [encode_template(self.tokenizer, item.template, [self.classes[s] for s in item.subjects])]
+        masks = resize_masks(item.masks, self.att_size)[None].to(self.device)
+        valid = torch.ones(1, k, device=self.device)
+        enc = self._encode_text(self.text_encoder, ph)
+        with self.acc.autocast(), capturing(self.store, token_weights(ph, k).to(self.device),
+                                            stop_early=True) as maps:
+            self.unet(z, t, enc)
+        prior = self.prior_maps(z, t, cl, k)
+        return aug_loss(maps[0], prior, masks, valid)
+
+    def step(self, gstep: int) -> dict[str, float]:
+        """One optimizer step (global step index ``gstep``); returns the loss terms."""
+        proc = self.acc.process_index
+        rng, gen = step_rng(self.cfg.seed, gstep, proc), step_generator(self.cfg.seed, gstep, proc)
+        batch = self.scene_batch(rng, gen)
+        loss, terms = self.scene_loss(batch)
+        self._check_finite(loss, terms, gstep)
+        self.acc.backward(loss)
+        logs = {k: float(v.detach()) for k, v in terms.items()}
+        if self.lambdas["aug"] > 0:
+            la = self.aug_term(rng, gen)
+            self._check_finite(la, {"aug": la}, gstep)
+            self.acc.backward(self.lambdas["aug"] * la)
+            logs["aug"] = float(la.detach())
+        logs["loss"] = float(loss) + self.lambdas["aug"] * logs.get("aug", 0.0)
+        self._reduce_grads()
+        self._apply_step()
+        return logs
+
+    def _check_finite(self, loss: torch.Tensor, terms: dict, gstep: int) -> None:
+        bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=self.device)
+        if self.acc.num_processes > 1:
+            bad = self.acc.reduce(bad, reduction="sum")
+        if bad.item() > 0:
+            cks = list_checkpoints(self.out / "checkpoints")
+            kept = f"the last good checkpoint is kept at {cks[-1]}" if cks else (
+                "no checkpoint was written (use --checkpoint-every K)")
+            vals = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(
+                f"the loss became non-finite at step {gstep} (phase {self.phase}; {vals}); "
+                f"training stopped and {kept}; lower the learning rate and --resume"
+            )
+
+    def _reduce_grads(self) -> None:
+        if self.acc.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = self.acc.reduce(flat, reduction="mean")
+        offset = 0
+        for p, g in zip(self.params, grads, strict=True):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+            offset += n
+
+    def _apply_step(self) -> None:
+        emb = self.embedding
+        if emb.grad is not None:
+            emb.grad[: self.orig_vocab] = 0
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            # every non-placeholder row stays bit-identical (also under AdamW weight decay)
+            emb[: self.orig_vocab] = self.orig_rows
+
+    # ------------------------------------------------------------------ checkpoints
+    def _weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        w = {"placeholders": {"rows": self.embedding[self.orig_vocab :].detach()}}
+        if self.phase == 2:
+            if self.lora:
+                from peft.utils import get_peft_model_state_dict
+
+                w["unet_lora"] = get_peft_model_state_dict(self.unet)
+                if self.cfg.train_text_encoder:
+                    w["text_encoder_lora"] = get_peft_model_state_dict(self.text_encoder)
+            else:
+                w["unet"] = self.unet.state_dict()
+                if self.cfg.train_text_encoder:
+                    w["text_encoder"] = self.text_encoder.state_dict()
+        return w
+
+    def save_checkpoint(self, step_in_phase: int, gstep: int) -> None:
+        if self.acc.is_main_process:
+            write_checkpoint(
+                self.out / "checkpoints", f"step-{gstep:06d}", self._weights(), self.optimizer,
+                {"phase": self.phase, "step": step_in_phase, "global_step": gstep},
+                keep=self.cfg.keep_checkpoints,
+            )
+        self.acc.wait_for_everyone()
+
+    def _load_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            self.embedding[self.orig_vocab :] = weights["placeholders"]["rows"].to(self.device)
+        if "unet" in weights:
+            self.unet.load_state_dict(weights["unet"])
+        if "text_encoder" in weights:
+            self.text_encoder.load_state_dict(weights["text_encoder"])
+        if "unet_lora" in weights:
+            from peft.utils import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.unet, weights["unet_lora"])
+        if "text_encoder_lora" in weights:
+            from peft.utils import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.text_encoder, weights["text_encoder_lora"])
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, resume: bool = False) -> Path:
+        """Train both phases (resuming from the newest checkpoint if asked); write outputs."""
+        cfg = self.cfg
+        self.orig_rows = self.embedding[: self.orig_vocab].detach().clone()
+        steps = {1: cfg.phase1_steps, 2: cfg.phase2_steps}
+        start_phase, start_step, ck = 1, 0, None
+        if resume:
+            cks = list_checkpoints(self.out / "checkpoints")
+            if cks:
+                ck = cks[-1]
+                state = json.loads((ck / "state.json").read_text())
+                start_phase, start_step = state["phase"], state["step"]
+        total = steps[1] + steps[2]
+        done = (0 if start_phase == 1 else steps[1]) + start_step
+        bar = tqdm(total=total, initial=done, desc="train", unit="step",
+                   disable=not (self.progress and self.acc.is_local_main_process))
+        log_path = self.out / "logs" / "losses.jsonl"
+        if self.acc.is_main_process:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._trim_log(log_path, done)
+        t0 = time.time()
+        for phase in (1, 2):
+            if phase < start_phase or (steps[phase] == 0 and phase != start_phase):
+                continue
+            self._setup_phase(phase)
+            begin = 0
+            if ck is not None and phase == start_phase:
+                _, weights, opt_tensors = read_checkpoint(ck)
+                state = json.loads((ck / "state.json").read_text())
+                self._load_weights(weights)
+                load_optimizer(self.optimizer, opt_tensors, state["optimizer"])
+                begin = start_step
+            offset = 0 if phase == 1 else steps[1]
+            for s in range(begin, steps[phase]):
+                gstep = offset + s
+                logs = self.step(gstep)
+                bar.update(1)
+                bar.set_postfix(phase=phase, loss=f"{logs['loss']:.4f}")
+                if self.acc.is_main_process and (s % max(cfg.log_every, 1) == 0 or s + 1 == steps[phase]):
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": gstep + 1, "phase": phase,
+                                            "time": round(time.time() - t0, 3), **logs}) + "\n")
+                if cfg.checkpoint_every and (
+                    (s + 1) % cfg.checkpoint_every == 0 or s + 1 == steps[phase]
+                ):
+                    self.save_checkpoint(s + 1, gstep + 1)
+        bar.close()
+        self.unet.eval()
+        self.text_encoder.eval()
+        if self.acc.is_main_process:
+            self.save_outputs()
+        self.acc.wait_for_everyone()
+        return self.out
+
+    @staticmethod
+    def _trim_log(path: Path, done: int) -> None:
+        if not path.exists():
+            return
+        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= done]
+        atomic_write_text(path, "".join(x + "\n" for x in keep))
+
+    # ------------------------------------------------------------------ outputs
+    def pipeline(self):
+        """A StableDiffusionPipeline over the trained modules (DDIM sampler)."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+            unet=self.unet, scheduler=DDIMScheduler.from_config(self.scheduler_config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+
+    @property
+    def mode(self) -> str:
+        if self.cfg.phase2_steps == 0:
+            return "embeddings"
+        return "lora" if self.lora else "full"
+
+    def save_outputs(self) -> None:
+        """Write the run directory's weights (atomically, each file via a temporary name)."""
+        out = self.out
+        embeds = {placeholder(i): self.embedding[tid].detach().cpu().clone().contiguous()
+                  for i, tid in enumerate(self.placeholder_ids)}
+        _atomic_save(embeds, out / EMBEDS)
+        if self.mode == "full":
+            _atomic_dir(out / "unet", lambda d: self.unet.save_pretrained(d, safe_serialization=True))
+            if self.cfg.train_text_encoder:
+                _atomic_dir(out / "text_encoder", self._save_text_encoder)
+        elif self.mode == "lora":
+            from diffusers import StableDiffusionPipeline
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            unet_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+            te_sd = None
+            if self.cfg.train_text_encoder:
+                te_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.text_encoder))
+
+            def _save(d: Path) -> None:
+                StableDiffusionPipeline.save_lora_weights(
+                    d, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd,
+                    weight_name=LORA_FILE,
+                )
+
+            tmp = out / ".lora-tmp"
+            _atomic_dir(tmp, _save)
+            (tmp / LORA_FILE).replace(out / LORA_FILE)
+            shutil.rmtree(tmp, ignore_errors=True)
+        if self.cfg.sample_prompts:
+            from dynasyn.generate import generate_images
+
+            generate_images(self.pipeline(), self.cfg.sample_prompts, out / "samples", n=1,
+                            seed=self.cfg.seed, steps=self.cfg.sample_steps, progress=False)
+        info = {
+            "base_model": self.base_model,
+            "mode": self.mode,
+            "placeholders": [placeholder(i) for i in range(self.n)],
+            "classes": self.classes,
+            "phrases": [s.phrase for s in self.scene.subjects],
+            "resolution": self.resolution,
+            "lora_rank": self.cfg.lora_rank,
+        }
+        atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2))
+
+    def _save_text_encoder(self, d: Path) -> None:
+        """Save the text encoder with the *original* vocabulary (placeholders live in EMBEDS)."""
+        te = self.text_encoder
+        sd = {k: v for k, v in te.state_dict().items()}
+        key = next(k for k in sd if k.endswith("token_embedding.weight"))
+        sd[key] = sd[key][: self.orig_vocab].clone()
+        old = te.config.vocab_size
+        te.config.vocab_size = self.orig_vocab
+        try:
+            te.save_pretrained(d, state_dict=sd, safe_serialization=True)
+        finally:
+            te.config.vocab_size = old
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
+def _atomic_dir(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to clobber an existing run unless --overwrite / --resume says so."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} exists and is not a directory; choose another --out")
+    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
+        raise InputError(
+            f"output directory {out} already exists; pass --overwrite to replace it "
+            "or --resume to continue it"
+        )
+    if resume and not (out / "config.yaml").is_file():
+        raise InputError(f"cannot resume: {out} has no config.yaml; start a new run without --resume")
+
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
+          progress: bool = True, accelerator: Accelerator | None = None) -> Trainer:
+    """Validate everything, then train into ``out``. Nothing is written before validation."""
+    out = Path(out)
+    prepare_run_dir(out, overwrite, resume)
+    scene = load_scene(cfg.scene, classes=cfg.classes or None)
+    trainer = Trainer(cfg, out, scene=scene, accelerator=accelerator, progress=progress)
+    if trainer.acc.is_main_process:
+        if overwrite and out.exists() and not resume:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            cfg.save(out / "config.yaml")
+    trainer.acc.wait_for_everyone()
+    trainer.run(resume=resume)
+    return trainer
+
+
+def steps_per_second(trainer: Trainer, steps: int = 3) -> float:
+    """Measure training speed (used by benchmarks)."""
+    t = time.perf_counter()
+    for s in range(steps):
+        trainer.step(s)
+    return steps / (time.perf_counter() - t)
+
+
+__all__ = ["Trainer", "train", "prepare_run_dir", "math"]
