@@ -78,6 +78,8 @@ class TrainConfig:
             raise InputError("batch_size must be >= 1")
         if self.phase1_steps + self.phase2_steps == 0:
             raise InputError("phase1_steps + phase2_steps is 0: nothing to train")
+        if all(v <= 0 for v in self.lambdas.values()):
+            raise InputError("every loss weight (lambda_*) is 0: nothing to train")
         if self.optimizer not in ("adam", "adamw"):
             raise InputError(f"optimizer must be 'adam' or 'adamw' (got {self.optimizer!r})")
         if self.prior_model not in ("frozen", "current"):

@@ -49,7 +49,7 @@ def load_run(run: str | Path, model: str | None = None, device: str = "auto",
     info = read_run(run)
     pipe = load_pipeline(model or info["base_model"], dtype=dtype)
     if info["mode"] == "full":
-        pipe.unet = UNet2DConditionModel.from_pretrained(run / "unet", torch_dtype=dtype)
+        pipe.unet = UNet2DConditionModel.from_pretrained(run / "unet", dtype=dtype)
         if (run / "text_encoder").is_dir():
             pipe.text_encoder = CLIPTextModel.from_pretrained(run / "text_encoder", dtype=dtype)
     elif info["mode"] == "lora":

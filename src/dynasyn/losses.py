@@ -22,11 +22,19 @@ def normalize_max(x: torch.Tensor) -> torch.Tensor:
 
 
 def resize_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
-    """Masks (…, H, W) in {0,1} → (…, size, size): area average, then binarized at 0.5."""
+    """Masks (…, H, W) in {0,1} → (…, size, size): area average, then binarized at 0.5.
+
+    A subject too small to cover half of any cell keeps the cells it touches (a mask never
+    becomes empty at latent or attention resolution).
+    """
     lead = masks.shape[:-2]
     flat = masks.reshape(-1, 1, *masks.shape[-2:]).float()
     small = F.interpolate(flat, size=(size, size), mode="area")
-    return (small >= 0.5).to(masks.dtype).reshape(*lead, size, size)
+    out = small >= 0.5
+    empty = ~out.flatten(1).any(1)
+    if empty.any():
+        out[empty] = small[empty] > 0
+    return out.to(masks.dtype).reshape(*lead, size, size)
 
 
 def masked_diffusion_loss(

@@ -21,6 +21,7 @@ def quiet_libraries() -> None:
     tlog.set_verbosity_error()
     dlog.set_verbosity_error()
     dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
 
 
 def micro_model_path() -> Path:
@@ -74,7 +75,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32):
     try:
         return StableDiffusionPipeline.from_pretrained(
             path,
-            torch_dtype=dtype,
+            dtype=dtype,
             safety_checker=None,
             requires_safety_checker=False,
             use_safetensors=True,

@@ -20,11 +20,16 @@ def sample_union(num_subjects: int, rng: random.Random, single: bool = False) ->
     return rng.sample(range(num_subjects), k)
 
 
+def flip_coin(rng: random.Random, p: float = 0.5) -> bool:
+    """The horizontal-flip decision of one item (image and masks flip together)."""
+    return rng.random() < p
+
+
 def maybe_flip(
     image: torch.Tensor, masks: torch.Tensor, rng: random.Random, p: float = 0.5
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Flip image (…, H, W) and masks (…, H, W) horizontally together with probability p."""
-    if rng.random() < p:
+    if flip_coin(rng, p):
         return image.flip(-1), masks.flip(-1), True
     return image, masks, False
 

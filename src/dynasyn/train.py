@@ -44,7 +44,7 @@ from dynasyn.losses import (
     total_loss,
 )
 from dynasyn.models import load_pipeline, resolve_model
-from dynasyn.sampling import sample_union, step_generator, step_rng
+from dynasyn.sampling import flip_coin, sample_union, step_generator, step_rng
 from dynasyn.scene import Scene, load_scene
 from dynasyn.tokens import (
     EncodedPrompt,
@@ -84,8 +84,7 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(out_dir)
         self.progress = progress
-        cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-        self.acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
+        self.acc = accelerator or make_accelerator(cfg)
         self.device = self.acc.device
         self.scene = scene or load_scene(cfg.scene, classes=cfg.classes or None)
         self.classes = [s.class_noun for s in self.scene.subjects]
@@ -287,7 +286,7 @@ class Trainer:
         """Union-sample a batch of the scene: prompts, masks and noisy latents."""
         cfg = self.cfg
         subsets = [sample_union(self.n, rng, single=cfg.single_subject) for _ in range(cfg.batch_size)]
-        flips = [rng.random() < cfg.flip_p for _ in subsets]
+        flips = [flip_coin(rng, cfg.flip_p) for _ in subsets]
         k = max(len(s) for s in subsets)
         tpl = [union_template(len(s), cfg.prompt_prefix) for s in subsets]
         ph = [encode_template(self.tokenizer, t, [placeholder(i) for i in s])
@@ -345,17 +344,20 @@ class Trainer:
         """One optimizer step (global step index ``gstep``); returns the loss terms."""
         proc = self.acc.process_index
         rng, gen = step_rng(self.cfg.seed, gstep, proc), step_generator(self.cfg.seed, gstep, proc)
-        batch = self.scene_batch(rng, gen)
-        loss, terms = self.scene_loss(batch)
-        self._check_finite(loss, terms, gstep)
-        self.acc.backward(loss)
-        logs = {k: float(v.detach()) for k, v in terms.items()}
+        batch = self.scene_batch(rng, gen)  # always drawn: the random stream stays the same
+        logs: dict[str, float] = {"loss": 0.0}
+        if any(self.lambdas[k] > 0 for k in ("md", "m2a", "ica")):
+            loss, terms = self.scene_loss(batch)
+            self._check_finite(loss, terms, gstep)
+            self.acc.backward(loss)
+            logs.update({k: float(v.detach()) for k, v in terms.items()})
+            logs["loss"] = float(loss.detach())
         if self.lambdas["aug"] > 0:
             la = self.aug_term(rng, gen)
             self._check_finite(la, {"aug": la}, gstep)
             self.acc.backward(self.lambdas["aug"] * la)
             logs["aug"] = float(la.detach())
-        logs["loss"] = float(loss) + self.lambdas["aug"] * logs.get("aug", 0.0)
+            logs["loss"] += self.lambdas["aug"] * logs["aug"]
         self._reduce_grads()
         self._apply_step()
         return logs
@@ -408,7 +410,8 @@ class Trainer:
 
                 w["unet_lora"] = get_peft_model_state_dict(self.unet)
                 if self.cfg.train_text_encoder:
-                    w["text_encoder_lora"] = get_peft_model_state_dict(self.text_encoder)
+                    w["text_encoder_lora"] = get_peft_model_state_dict(
+                        self.text_encoder, save_embedding_layers=False)
             else:
                 w["unet"] = self.unet.state_dict()
                 if self.cfg.train_text_encoder:
@@ -534,10 +537,11 @@ class Trainer:
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
-            unet_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+            unet_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, save_embedding_layers=False))
             te_sd = None
             if self.cfg.train_text_encoder:
-                te_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.text_encoder))
+                te_sd = convert_state_dict_to_diffusers(
+                    get_peft_model_state_dict(self.text_encoder, save_embedding_layers=False))
 
             def _save(d: Path) -> None:
                 StableDiffusionPipeline.save_lora_weights(
@@ -613,18 +617,26 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
           progress: bool = True, accelerator: Accelerator | None = None) -> Trainer:
     """Validate everything, then train into ``out``. Nothing is written before validation."""
     out = Path(out)
+    acc = accelerator or make_accelerator(cfg)
     prepare_run_dir(out, overwrite, resume)
     scene = load_scene(cfg.scene, classes=cfg.classes or None)
-    trainer = Trainer(cfg, out, scene=scene, accelerator=accelerator, progress=progress)
-    if trainer.acc.is_main_process:
+    trainer = Trainer(cfg, out, scene=scene, accelerator=acc, progress=progress)
+    acc.wait_for_everyone()  # every process has validated its inputs before anything is written
+    if acc.is_main_process:
         if overwrite and out.exists() and not resume:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
             cfg.save(out / "config.yaml")
-    trainer.acc.wait_for_everyone()
+    acc.wait_for_everyone()
     trainer.run(resume=resume)
     return trainer
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The accelerate state for a run (honours ``device`` and ``mixed_precision``)."""
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
 
 
 def steps_per_second(trainer: Trainer, steps: int = 3) -> float:

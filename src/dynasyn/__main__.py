@@ -1,0 +1,7 @@
+"""``python -m dynasyn`` = the ``dynasyn`` command."""
+
+import sys
+
+from dynasyn.cli import main
+
+sys.exit(main())
