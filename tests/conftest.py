@@ -25,8 +25,9 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_vpred_model(tmp_path_factory) -> Path:
-    """The same, v-prediction (SD 2.1's objective)."""
-    return save_tiny_pipeline(tmp_path_factory.mktemp("tinyv") / "sd", prediction_type="v_prediction")
+    """SD 2.1's layout: v-prediction, linear projections, per-block heads, pad token "!"."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tinyv") / "sd",
+                              prediction_type="v_prediction", layout="sd21")
 
 
 def make_scene(path: Path, n: int = 2, size: int = 64, classes=None) -> Path:

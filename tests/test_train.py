@@ -144,10 +144,11 @@ def test_aug_loss_alone_trains_placeholders_from_augmented_items(tiny_model, sce
     assert not torch.equal(tr.embedding[49408:], before)
 
 
-def test_v_prediction_model_trains_against_velocity(tiny_vpred_model, scene2, tmp_path):
-    cfg = _cfg(tiny_vpred_model, scene2)
-    tr = Trainer(cfg, tmp_path / "run", progress=False)
+def test_sd21_layout_v_prediction_trains_against_velocity(tiny_vpred_model, scene2, tmp_path):
+    tr = train(_cfg(tiny_vpred_model, scene2, phase1_steps=1, phase2_steps=1), tmp_path / "run",
+               progress=False)
     assert tr.prediction_type == "v_prediction"
+    assert tr.tokenizer.pad_token_id == 0 and tr.unet.config.use_linear_projection
     from dynasyn.sampling import step_generator
 
     z, t, target = tr._noisy(tr.scene_latents[False], step_generator(0, 0))

@@ -25,13 +25,17 @@ def tiny_pipeline(
     prediction_type: str = "epsilon",
     sample_size: int = 16,
     cross_attention_dim: int = 32,
+    layout: str = "sd15",
 ) -> StableDiffusionPipeline:
     """A randomly initialized SD pipeline: 64 px images, 16×16×4 latents.
 
     UNet blocks at latent/1, /2, /4 all have cross-attention (so the default regularization
     resolution, latent/4, exists as in SD at 512 px). ``prediction_type`` may be ``epsilon``
-    or ``v_prediction`` (SD 2.1's). Deterministic for a seed.
+    or ``v_prediction`` (SD 2.1's). ``layout="sd21"`` mirrors SD 2.x's differences: linear
+    projections in the transformer blocks, per-block head dims, upcast attention, and the
+    tokenizer's pad token "!" (id 0) instead of <|endoftext|>. Deterministic for a seed.
     """
+    sd21 = layout == "sd21"
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=sample_size,
@@ -42,7 +46,9 @@ def tiny_pipeline(
         down_block_types=("CrossAttnDownBlock2D",) * 3,
         up_block_types=("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=cross_attention_dim,
-        attention_head_dim=4,
+        attention_head_dim=(2, 4, 4) if sd21 else 4,
+        use_linear_projection=sd21,
+        upcast_attention=sd21,
         norm_num_groups=8,
     )
     vae = AutoencoderKL(
@@ -57,11 +63,13 @@ def tiny_pipeline(
         sample_size=sample_size * 4,
     )
     tokenizer = clip_tokenizer(model_max_length=77)
+    if sd21:
+        tokenizer.pad_token = "!"
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             bos_token_id=49406,
             eos_token_id=49407,
-            pad_token_id=49407,
+            pad_token_id=0 if sd21 else 49407,
             hidden_size=cross_attention_dim,
             intermediate_size=37,
             layer_norm_eps=1e-05,

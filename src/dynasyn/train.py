@@ -370,7 +370,7 @@ class Trainer:
             cks = list_checkpoints(self.out / "checkpoints")
             kept = f"the last good checkpoint is kept at {cks[-1]}" if cks else (
                 "no checkpoint was written (use --checkpoint-every K)")
-            vals = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+            vals = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingError(
                 f"the loss became non-finite at step {gstep} (phase {self.phase}; {vals}); "
