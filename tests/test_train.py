@@ -179,3 +179,26 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model, scene2
               progress=False)
     assert (run / "checkpoints" / "step-000002" / "state.json").is_file()
     assert not (run / "run.json").exists()
+
+
+@pytest.mark.parametrize("phase", [1, 2])
+def test_efficient_step_has_the_same_losses_and_gradients(phase, tiny_model, scene4, tmp_path):
+    """Early-stopped passes, caches and split backward change nothing but the cost."""
+    aug = _augmented(tmp_path / "aug", n=4)
+    grads, logs = [], []
+    for efficient in (True, False):
+        cfg = _cfg(tiny_model, scene4, augmented=aug, efficient=efficient, lambda_aug=0.1)
+        tr = Trainer(cfg, tmp_path / f"run{efficient}", progress=False)
+        tr.orig_rows = tr.embedding[:49408].detach().clone()
+        tr._setup_phase(phase)
+        for s in range(2):  # the second step reuses the class-prompt cache
+            tr.optimizer.zero_grad(set_to_none=True)
+            out = tr.compute_gradients(s)
+        logs.append(out)
+        grads.append({i: p.grad.clone() for i, p in enumerate(tr.params) if p.grad is not None})
+    assert set(logs[0]) == {"md", "m2a", "ica", "aug", "loss"}
+    for k in logs[0]:
+        assert logs[0][k] == pytest.approx(logs[1][k], rel=1e-5, abs=1e-8), k
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for i in grads[0]:
+        assert torch.allclose(grads[0][i], grads[1][i], rtol=1e-4, atol=1e-7), i

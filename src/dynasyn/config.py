@@ -55,6 +55,10 @@ class TrainConfig:
     lora_lr: float = 1e-4
     train_text_encoder: bool = True
     gradient_checkpointing: bool = False
+    # step cost: early-stopped attention-only passes, cached VAE latents and class-prompt
+    # embeddings, separate backward for L_AUG. False = the straightforward implementation
+    # (every pass full, everything recomputed, one backward); same losses and gradients.
+    efficient: bool = True
     # bookkeeping
     seed: int = 0
     mixed_precision: str = "no"

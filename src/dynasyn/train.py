@@ -123,7 +123,8 @@ class Trainer:
 
         self.lambdas = dict(cfg.lambdas)
         image, masks = self.scene.tensors(self.resolution)
-        self.scene_latents = {f: self._encode(image.flip(-1) if f else image) for f in (False, True)}
+        self.scene_images = {f: image.flip(-1) if f else image for f in (False, True)}
+        self.scene_latents = {f: self._encode(self.scene_images[f]) for f in (False, True)}
         self.latent_size = self.scene_latents[False].mean.shape[-1]
         self.att_size = self.latent_size // self.downsample
         self.masks_lat = {
@@ -243,7 +244,7 @@ class Trainer:
 
     def _class_embeddings(self, text_encoder, prompts: list[EncodedPrompt]) -> torch.Tensor:
         """Class-prompt embeddings from the prior text encoder (cached when it is frozen)."""
-        cacheable = self.phase == 1 or self.cfg.prior_model == "frozen"
+        cacheable = self.cfg.efficient and (self.phase == 1 or self.cfg.prior_model == "frozen")
         if not cacheable:
             return self._encode_text(text_encoder, prompts)
         out = []
@@ -260,8 +261,9 @@ class Trainer:
         """Â: class-noun attention of the prior model on (z_t, t), stop-gradient, early-stopped."""
         with self._prior() as (unet, te):
             enc = self._class_embeddings(te, prompts)
-            with self.acc.autocast(), capturing(get_store(unet), token_weights(prompts, num_slots).to(z.device),
-                                                stop_early=True) as maps:
+            w = token_weights(prompts, num_slots).to(z.device)
+            with self.acc.autocast(), capturing(get_store(unet), w,
+                                                stop_early=self.cfg.efficient) as maps:
                 unet(z, t, enc)
         return maps[0]
 
@@ -300,7 +302,11 @@ class Trainer:
             masks[b, : len(s)] = self.masks_att[f][s]
             valid[b, : len(s)] = 1
             union[b, 0] = self.masks_lat[f][s].amax(0)
-        z, t, target = self._noisy([self.scene_latents[f] for f in flips], gen)
+        if self.cfg.efficient:
+            lats = [self.scene_latents[f] for f in flips]
+        else:  # straightforward: encode the (flipped) image again at every step
+            lats = [self._encode(self.scene_images[f]) for f in flips]
+        z, t, target = self._noisy(lats, gen)
         dev = self.device
         return dict(subsets=subsets, ph=ph, cl=cl, masks=masks.to(dev), valid=valid.to(dev),
                     union=union.to(dev), z=z, t=t, target=target, k=k)
@@ -327,7 +333,8 @@ class Trainer:
         """L_AUG on one augmented item (attention only, early-stopped passes)."""
         j = rng.randrange(len(self.aug))
         item = self.aug[j]
-        z, t, _ = self._noisy(self.aug_latents[j], gen)
+        lat = self.aug_latents[j] if self.cfg.efficient else self._encode(item.image)
+        z, t, _ = self._noisy(lat, gen)
         k = len(item.subjects)
         ph = [encode_template(self.tokenizer, item.template, [placeholder(s) for s in item.subjects])]
         cl = [encode_template(self.tokenizer, item.template, [self.classes[s] for s in item.subjects])]
@@ -335,31 +342,45 @@ class Trainer:
         valid = torch.ones(1, k, device=self.device)
         enc = self._encode_text(self.text_encoder, ph)
         with self.acc.autocast(), capturing(self.store, token_weights(ph, k).to(self.device),
-                                            stop_early=True) as maps:
+                                            stop_early=self.cfg.efficient) as maps:
             self.unet(z, t, enc)
         prior = self.prior_maps(z, t, cl, k)
         return aug_loss(maps[0], prior, masks, valid)
 
     def step(self, gstep: int) -> dict[str, float]:
         """One optimizer step (global step index ``gstep``); returns the loss terms."""
+        logs = self.compute_gradients(gstep)
+        self._reduce_grads()
+        self._apply_step()
+        return logs
+
+    def compute_gradients(self, gstep: int) -> dict[str, float]:
+        """Forward + backward of every active loss term of step ``gstep`` (no update)."""
         proc = self.acc.process_index
         rng, gen = step_rng(self.cfg.seed, gstep, proc), step_generator(self.cfg.seed, gstep, proc)
         batch = self.scene_batch(rng, gen)  # always drawn: the random stream stays the same
         logs: dict[str, float] = {"loss": 0.0}
+        pending: list[torch.Tensor] = []
         if any(self.lambdas[k] > 0 for k in ("md", "m2a", "ica")):
             loss, terms = self.scene_loss(batch)
             self._check_finite(loss, terms, gstep)
-            self.acc.backward(loss)
+            if self.cfg.efficient:
+                self.acc.backward(loss)  # frees the scene graph before the L_AUG passes
+            else:
+                pending.append(loss)
             logs.update({k: float(v.detach()) for k, v in terms.items()})
             logs["loss"] = float(loss.detach())
         if self.lambdas["aug"] > 0:
             la = self.aug_term(rng, gen)
             self._check_finite(la, {"aug": la}, gstep)
-            self.acc.backward(self.lambdas["aug"] * la)
+            if self.cfg.efficient:
+                self.acc.backward(self.lambdas["aug"] * la)
+            else:
+                pending.append(self.lambdas["aug"] * la)
             logs["aug"] = float(la.detach())
             logs["loss"] += self.lambdas["aug"] * logs["aug"]
-        self._reduce_grads()
-        self._apply_step()
+        if pending:
+            self.acc.backward(sum(pending))
         return logs
 
     def _check_finite(self, loss: torch.Tensor, terms: dict, gstep: int) -> None:

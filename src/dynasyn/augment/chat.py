@@ -1,0 +1,451 @@
+"""A small OpenAI-compatible chat-completions client (standard library only).
+
+It speaks ``POST {base_url}/chat/completions`` as OpenAI, vLLM, Ollama (``/v1``), llama.cpp's
+server, LM Studio and others do. Options fall back to environment variables:
+
+============  =================================================  ==============================
+option        environment (first set wins)                       default
+============  =================================================  ==============================
+base_url      ``DYNASYN_CHAT_BASE_URL``, ``OPENAI_BASE_URL``     ``https://api.openai.com/v1``
+model         ``DYNASYN_CHAT_MODEL``                             (required)
+api_key       ``DYNASYN_CHAT_API_KEY``, ``OPENAI_API_KEY``       none (local servers)
+============  =================================================  ==============================
+
+The key is sent as ``Authorization: Bearer <key>`` and is never printed, logged, or put in an
+exception message or ``repr``. Timeouts, connection errors, HTTP 5xx, HTTP 429 and responses that
+are not valid chat-completion JSON are retried with exponential backoff
+(``backoff * 2**k`` seconds, or the server's ``Retry-After`` when it is longer, capped at 60 s);
+after the last try :class:`ChatError` is raised. Other HTTP errors (401, 404, …) are not
+retried. Images travel as data URLs (:func:`image_part`).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import logging
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from PIL import Image
+
+from dynasyn.errors import InputError
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "ChatClient",
+    "ChatError",
+    "LocalChat",
+    "image_part",
+    "parse_list",
+    "text_part",
+]
+
+log = logging.getLogger("dynasyn.chat")
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+"""Used when neither the option nor an environment variable gives a base URL."""
+
+_MAX_RETRY_AFTER = 60.0
+
+
+class ChatError(RuntimeError):
+    """The chat endpoint could not give an answer (after the retries, where retried)."""
+
+
+def text_part(text: str) -> dict[str, Any]:
+    """An OpenAI content part holding ``text``."""
+    return {"type": "text", "text": text}
+
+
+def image_part(image: Image.Image, max_side: int = 768) -> dict[str, Any]:
+    """An OpenAI content part holding ``image`` as a PNG data URL.
+
+    The image is converted to RGB and downscaled (aspect kept) so its longer side is at most
+    ``max_side`` pixels, which keeps requests small.
+    """
+    img = image.convert("RGB")
+    if max(img.size) > max_side:
+        scale = max_side / max(img.size)
+        img = img.resize(
+            (max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+            Image.Resampling.LANCZOS,
+        )
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _env(*names: str) -> str | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
+
+
+class ChatClient:
+    """Client for an OpenAI-compatible ``/chat/completions`` endpoint.
+
+    Args:
+        base_url: the API root, e.g. ``https://api.openai.com/v1``, ``http://localhost:8000/v1``
+            (vLLM), ``http://localhost:11434/v1`` (Ollama), ``http://localhost:8080/v1``
+            (llama.cpp). A trailing ``/chat/completions`` is accepted and stripped.
+        model: the model name the server expects.
+        api_key: sent as a bearer token; optional for local servers.
+        timeout: seconds per request (connect and each read).
+        retries: how many times a failed request is retried (so ``1 + retries`` tries in all).
+        backoff: the first retry waits this many seconds; each next one twice as long.
+
+    Raises:
+        InputError: no model is given (option or ``DYNASYN_CHAT_MODEL``), the base URL is not
+            http(s), or a numeric option is out of range.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 30,
+        retries: int = 3,
+        backoff: float = 0.5,
+    ) -> None:
+        url = (base_url or _env("DYNASYN_CHAT_BASE_URL", "OPENAI_BASE_URL") or DEFAULT_BASE_URL)
+        url = url.strip().rstrip("/")
+        if url.endswith("/chat/completions"):
+            url = url[: -len("/chat/completions")]
+        if not url.startswith(("http://", "https://")):
+            raise InputError(
+                f"chat base URL {url!r} is not http(s); give e.g. http://localhost:8000/v1"
+            )
+        model = model or _env("DYNASYN_CHAT_MODEL")
+        if not model:
+            raise InputError(
+                "no chat model given; pass the model name (e.g. --chat-model gpt-4o-mini) "
+                "or set DYNASYN_CHAT_MODEL"
+            )
+        if timeout <= 0 or retries < 0 or backoff < 0:
+            raise InputError("chat timeout must be > 0, retries and backoff >= 0")
+        self.base_url = url
+        self.model = model
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        self.__key = api_key or _env("DYNASYN_CHAT_API_KEY", "OPENAI_API_KEY")
+
+    def __repr__(self) -> str:
+        key = "set" if self.__key else "none"
+        return f"ChatClient(base_url={self.base_url!r}, model={self.model!r}, api_key=<{key}>)"
+
+    @property
+    def has_key(self) -> bool:
+        """Whether an API key will be sent (the key itself is not exposed)."""
+        return bool(self.__key)
+
+    @property
+    def endpoint(self) -> str:
+        """The full chat-completions URL."""
+        return self.base_url + "/chat/completions"
+
+    def _redact(self, text: str) -> str:
+        """``text`` with the key (if it appears at all) replaced by ``***``, on one line."""
+        if self.__key:
+            text = text.replace(self.__key, "***")
+        return " ".join(text.split())
+
+    def complete(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        temperature: float = 0.7,
+        max_tokens: int = 1024,
+    ) -> str:
+        """Send ``messages`` (OpenAI chat format) and return the answer's text.
+
+        Args:
+            messages: ``[{"role": "user", "content": "…" or [text_part(…), image_part(…)]}]``.
+            temperature: sampling temperature.
+            max_tokens: the most tokens the answer may have.
+
+        Raises:
+            ChatError: every try failed (timeouts, connection errors, 5xx, 429, malformed JSON),
+                or the server refused the request (other 4xx). The message never contains the
+                API key.
+        """
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": list(messages),
+                "temperature": temperature,
+                "max_tokens": max_tokens,
+            }
+        ).encode("utf-8")
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.__key:
+            headers["Authorization"] = "Bearer " + self.__key
+        tries = 1 + self.retries
+        last = ""
+        for attempt in range(tries):
+            wait = self.backoff * (2**attempt)
+            try:
+                return self._post_once(body, headers)
+            except _Retryable as e:
+                last = self._redact(str(e))
+                if e.retry_after is not None:
+                    wait = max(wait, min(e.retry_after, _MAX_RETRY_AFTER))
+            if attempt + 1 < tries:
+                log.info("chat request failed (%s); retry %d/%d in %.2fs",
+                         last, attempt + 1, self.retries, wait)
+                time.sleep(wait)
+        raise ChatError(
+            f"chat endpoint {self.endpoint} failed after {tries} "
+            f"tr{'y' if tries == 1 else 'ies'}: {last}"
+        )
+
+    def _post_once(self, body: bytes, headers: dict[str, str]) -> str:
+        """One POST; returns the content, raises _Retryable or ChatError."""
+        req = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            detail = _snippet(e)
+            retry_after = _retry_after(e.headers.get("Retry-After") if e.headers else None)
+            if e.code == 429 or e.code >= 500:
+                raise _Retryable(f"HTTP {e.code} {detail}", retry_after) from None
+            raise ChatError(
+                self._redact(f"chat endpoint {self.endpoint} refused the request: "
+                             f"HTTP {e.code} {detail}")
+            ) from None
+        except TimeoutError as e:
+            raise _Retryable(f"timed out after {self.timeout:g}s ({e})") from None
+        except urllib.error.URLError as e:
+            reason = e.reason
+            if isinstance(reason, TimeoutError):
+                raise _Retryable(f"timed out after {self.timeout:g}s") from None
+            raise _Retryable(f"connection failed: {reason}") from None
+        except (http.client.HTTPException, ConnectionError, OSError) as e:
+            raise _Retryable(f"connection failed: {type(e).__name__}: {e}") from None
+        try:
+            data = json.loads(raw.decode("utf-8"))
+            content = data["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError):
+            raise _Retryable(
+                f"malformed chat-completion response: {raw[:200]!r}"
+            ) from None
+        if isinstance(content, list):  # some servers answer with content parts
+            content = "".join(
+                p.get("text", "") for p in content if isinstance(p, dict)
+            )
+        if not isinstance(content, str):
+            raise _Retryable(f"malformed chat-completion response: content is {content!r}")
+        return content
+
+
+class _Retryable(Exception):
+    """A failure worth another try (internal)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _snippet(e: urllib.error.HTTPError) -> str:
+    """A short, one-line excerpt of an error response body."""
+    try:
+        text = e.read(300).decode("utf-8", "replace")
+    except Exception:  # noqa: BLE001 - best effort only
+        text = ""
+    text = " ".join(text.split())
+    return f"({text})" if text else f"({e.reason})"
+
+
+# --------------------------------------------------------------------------------------------
+# local transformers models behind the same ``complete`` interface
+
+
+class LocalChat:
+    """A local transformers chat model with :meth:`ChatClient.complete`'s interface.
+
+    The model is loaded lazily (``transformers.pipeline``) on the first :meth:`complete` call;
+    ``task`` is ``"text-generation"`` for a text model (Step 2) or ``"image-text-to-text"`` for a
+    vision-language model (Step 1). Image parts given as data URLs (:func:`image_part`) are
+    decoded back to PIL images for the pipeline. Any failure while loading or generating becomes
+    :class:`ChatError`, so callers fall back exactly as they do for an endpoint.
+
+    Args:
+        model_path: a local directory holding a transformers model (with its tokenizer /
+            processor and chat template).
+        task: the pipeline task.
+        device: passed to ``transformers.pipeline`` (``None`` = its default).
+
+    Raises:
+        InputError: ``model_path`` is not an existing directory.
+    """
+
+    def __init__(
+        self, model_path: str | os.PathLike[str], task: str = "text-generation",
+        device: str | int | None = None,
+    ) -> None:
+        path = os.fspath(model_path) if model_path is not None else ""
+        if not path or not os.path.isdir(path):
+            raise InputError(
+                f"local model {path!r} is not a directory; give the path of a downloaded "
+                f"transformers model for the {task} task (e.g. --local-model ./Qwen2.5-VL-3B)"
+            )
+        self.model_path = path
+        self.task = task
+        self.device = device
+        self._pipe: Any = None
+
+    def __repr__(self) -> str:
+        return f"LocalChat({self.model_path!r}, task={self.task!r})"
+
+    def _pipeline(self) -> Any:
+        if self._pipe is None:
+            try:
+                from transformers import pipeline
+            except ImportError as e:  # pragma: no cover - transformers is a dependency
+                raise ChatError(f"transformers is not importable: {e}") from None
+            try:
+                self._pipe = pipeline(self.task, model=self.model_path, device=self.device)
+            except Exception as e:  # noqa: BLE001 - any loading problem → fall back
+                raise ChatError(
+                    f"could not load local model {self.model_path} for {self.task}: "
+                    f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                ) from None
+        return self._pipe
+
+    def complete(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        temperature: float = 0.7,
+        max_tokens: int = 1024,
+    ) -> str:
+        """Generate the answer to ``messages`` with the local model; see ChatClient.complete."""
+        pipe = self._pipeline()
+        chat = [_local_message(m) for m in messages]
+        kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "return_full_text": False}
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature)
+        else:
+            kwargs.update(do_sample=False)
+        try:
+            out = pipe(text=chat, **kwargs) if self.task == "image-text-to-text" else pipe(
+                chat, **kwargs
+            )
+        except Exception as e:  # noqa: BLE001 - any generation problem → fall back
+            raise ChatError(
+                f"local model {self.model_path} failed: {type(e).__name__}: "
+                f"{' '.join(str(e).split())[:300]}"
+            ) from None
+        return _generated_text(out)
+
+
+def _local_message(message: Mapping[str, Any]) -> dict[str, Any]:
+    """An OpenAI message → the transformers chat format (images as PIL)."""
+    content = message.get("content")
+    if isinstance(content, str) or content is None:
+        return {"role": message.get("role", "user"), "content": content or ""}
+    parts: list[dict[str, Any]] = []
+    for part in content:
+        if part.get("type") == "image_url":
+            url = part["image_url"]["url"]
+            data = base64.b64decode(url.split(",", 1)[1]) if url.startswith("data:") else None
+            image = Image.open(io.BytesIO(data)).convert("RGB") if data else url
+            parts.append({"type": "image", "image": image})
+        else:
+            parts.append(dict(part))
+    return {"role": message.get("role", "user"), "content": parts}
+
+
+def _generated_text(out: Any) -> str:
+    """The new text of a transformers pipeline output (string or chat-format)."""
+    while isinstance(out, list) and out and not isinstance(out[0], str | dict):
+        out = out[0]
+    if isinstance(out, list) and out:
+        out = out[0]
+    text = out.get("generated_text", "") if isinstance(out, dict) else out
+    if isinstance(text, list):  # chat format: the last message is the answer
+        last = text[-1] if text else {}
+        text = last.get("content", "") if isinstance(last, dict) else str(last)
+    if not isinstance(text, str):
+        raise ChatError(f"local model returned no text ({type(text).__name__})")
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# parsing answers
+
+_FENCE_RE = re.compile(r"^\s*```[\w-]*\s*$", re.MULTILINE)
+_MARK_RE = re.compile(r"^\s*(?:[-*\u2022\u2013]+\s+|\(?\d{1,3}\s*[.):\]]\s*|#\d+[.:]?\s+)")
+
+
+def _item_text(item: Any) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict):
+        for value in item.values():
+            if isinstance(value, str):
+                return value
+    return ""
+
+
+def _clean(line: str) -> str:
+    line = line.strip().strip(",").strip()
+    for _ in range(2):
+        if len(line) >= 2 and line[0] in "\"'\u201c\u2018`" and line[-1] in "\"'\u201d\u2019`":
+            line = line[1:-1].strip()
+    line = line.strip("*_ ").strip()  # markdown emphasis
+    return line
+
+
+def parse_list(text: str) -> list[str]:
+    """The items of a list an LM wrote, robustly.
+
+    Accepted forms, tried in order: a JSON array anywhere in the text (of strings, or of
+    objects whose first string value is taken); a JSON object holding such an array (or whose
+    values are strings); else lines — when some lines are numbered (``1.``, ``2)``) or bulleted
+    (``-``, ``*``, ``•``) only those are kept, so preambles and closing remarks are dropped;
+    otherwise every non-empty line not ending in ``:``. Code fences, quotes, trailing commas and
+    markdown emphasis are stripped.
+    """
+    text = _FENCE_RE.sub("", text or "")
+    for open_, close in (("[", "]"), ("{", "}")):
+        start, end = text.find(open_), text.rfind(close)
+        if start == -1 or end <= start:
+            continue
+        try:
+            data = json.loads(text[start : end + 1])
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            lists = [v for v in data.values() if isinstance(v, list)]
+            data = lists[0] if lists else [v for v in data.values() if isinstance(v, str)]
+        if isinstance(data, list):
+            items = [_clean(_item_text(x)) for x in data]
+            items = [x for x in items if x]
+            if items:
+                return items
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    marked = [ln for ln in lines if _MARK_RE.match(ln)]
+    if marked:
+        lines = [_MARK_RE.sub("", ln, count=1) for ln in marked]
+    else:
+        lines = [ln for ln in lines if not ln.rstrip().endswith(":")]
+    return [c for c in (_clean(ln) for ln in lines) if c and c not in ("[", "]")]

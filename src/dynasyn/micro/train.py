@@ -1,0 +1,876 @@
+"""Train the micro models from scratch on the micro world: VAE, micro CLIP, micro SD.
+
+Three stages, run in this order by ``--stage all`` (the default):
+
+1. ``vae`` — the AutoencoderKL (:func:`~dynasyn.micro.models.micro_vae`) on world renders:
+   L1 + MSE + L1 of image gradients (keeps the flat colours' edges sharp without a perceptual
+   network) + a small KL term (weight 1e-5 on the per-element KL), fp32. At the end the latent
+   scaling factor (1 / std of posterior samples of 1,024 renders) goes into the VAE config, as
+   SD's ``scaling_factor``, and reconstructions of held-out renders are read back by the parser
+   (colour + class of every subject) as a sanity number.
+2. ``clip`` — micro CLIP (:func:`~dynasyn.micro.models.micro_clip`), contrastive (symmetric
+   InfoNCE) on world image/caption pairs; every image also competes against *hard negative*
+   captions that differ from its own in one attribute (class, colour, pattern, action,
+   relation, background — :func:`dynasyn.micro.world.distractor`) and, for pairs, the caption
+   with the two colours swapped (binding). Captions are full identity phrases (70 %), class
+   nouns (15 %) or colour + noun (15 %); identical strings are never counted as negatives.
+3. ``unet`` — micro SD: the UNet (:func:`~dynasyn.micro.models.micro_unet`) from scratch and the
+   text encoder *initialized from micro CLIP's text tower* (same config) and trained jointly
+   with it at a lower learning rate (1e-4 vs 5e-4): the contrastive tower already separates
+   the attributes, joint training adapts its per-token states to cross-attention. Latents come
+   from the trained VAE (frozen; posterior samples x scaling factor), epsilon objective with
+   Min-SNR-5 weighting, SD's noise schedule, 10 % empty captions (classifier-free guidance),
+   20 % class-noun and 10 % colour + noun captions. The exported weights are an EMA (0.999).
+
+Data is rendered on the fly and fully determined by the step: training seeds are
+``< 10**9`` (held-out checks use seeds ``>= 10**9``, :mod:`dynasyn.micro.check`); the noise of
+step ``s`` comes from a generator seeded with ``s``. AdamW, linear warm-up, then cosine decay to
+10 % over the run's *progress* = max(step / steps, elapsed / time budget), so a run stopped by
+``--minutes`` still anneals. Checkpoints (weights + optimizer state + EMA, safetensors only)
+every ``--ckpt-minutes`` under ``--work``/<stage>/checkpoints; ``--resume`` continues a killed
+run (step count, time used and learning-rate schedule included). Finished stages export fp32
+models to ``--work``/<stage>/final; the last step writes the fp16 bundle
+(:func:`~dynasyn.micro.models.save_bundle`) into ``--out``: ``sd/`` (diffusers
+StableDiffusionPipeline) and ``clip/`` (transformers CLIPModel + tokenizer + image processor).
+
+Measured on the shared 2-core CPU (torch 2.13, fp32; ``--steps 8`` per stage after warm-up):
+
+=====  =====  ==========  ===============  ===========
+stage  batch  s / step    planned steps    time
+=====  =====  ==========  ===============  ===========
+vae    32     0.55        1,400            13 min
+clip   64     0.50        3,000            25 min
+unet   32     0.48        9,500            76 min
+=====  =====  ==========  ===============  ===========
+
+Total about 1 h 55 min including exports. The full CPU training (the command that built the
+bundled weights)::
+
+    python -m dynasyn.micro.train --stage all --minutes 115 --device cpu
+
+A killed run continues with the same command plus ``--resume``. On a GPU (``--device cuda``)
+the step counts are the same by default (minutes instead of hours); more steps, e.g.
+``--steps 20000``, give a better model. ``--minutes`` is the total budget of the stages run,
+shared in proportion to the planned times; a stage stops at its step count or its share of
+the time, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from dynasyn.checkpoint import list_checkpoints, load_optimizer, read_checkpoint, write_checkpoint
+from dynasyn.micro.models import (
+    CLIP_MEAN,
+    CLIP_STD,
+    MAX_TOKENS,
+    micro_clip,
+    micro_tokenizer,
+    micro_unet,
+    micro_vae,
+    micro_weights_path,
+    save_bundle,
+    text_encoder_from_clip,
+)
+from dynasyn.micro.world import (
+    SceneSpec,
+    caption_for,
+    distractor,
+    sample_dataset_item,
+    sample_render,
+)
+
+__all__ = [
+    "HELDOUT_SEED",
+    "PLAN",
+    "STAGES",
+    "TRAIN_SEED_LIMIT",
+    "StagePlan",
+    "export_bundle",
+    "main",
+    "train",
+    "train_stage",
+]
+
+STAGES: tuple[str, ...] = ("vae", "clip", "unet")
+"""Training stages in order."""
+
+TRAIN_SEED_LIMIT = 10**9
+"""Training renders use seeds below this; held-out checks use seeds from it on."""
+
+HELDOUT_SEED = 10**9
+"""First held-out seed (see :mod:`dynasyn.micro.check`)."""
+
+NEGATIVE_ATTRIBUTES: tuple[str, ...] = (
+    "shape",
+    "colour",
+    "pattern",
+    "action",
+    "relation",
+    "background",
+)
+"""Attributes a hard-negative caption changes (one each)."""
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Defaults of one stage: batch, step count, learning rate, share of a time budget."""
+
+    batch: int
+    steps: int
+    lr: float
+    share: float
+    seed_base: int
+
+
+PLAN: dict[str, StagePlan] = {
+    "vae": StagePlan(batch=32, steps=1400, lr=1e-3, share=13.0, seed_base=0),
+    "clip": StagePlan(batch=64, steps=3000, lr=5e-4, share=25.0, seed_base=300_000_000),
+    "unet": StagePlan(batch=32, steps=9500, lr=5e-4, share=76.0, seed_base=600_000_000),
+}
+"""The planned ≤ 2 hour CPU run (see the module docstring for the measurements)."""
+
+TEXT_LR = 1e-4
+"""Learning rate of the text encoder in the ``unet`` stage (initialized from micro CLIP)."""
+
+EMA_DECAY = 0.999
+"""EMA decay of the UNet and text encoder weights (with the usual (1+s)/(10+s) warm-up)."""
+
+MIN_SNR_GAMMA = 5.0
+"""Min-SNR loss weighting of the ``unet`` stage."""
+
+VAE_KL_WEIGHT = 1e-5
+"""Weight of the per-element KL term of the ``vae`` stage."""
+
+
+# --------------------------------------------------------------------------------------------
+# Data: batch ``step`` of a stage is a pure function of (stage, step, batch size)
+
+
+def batch_seeds(stage: str, step: int, batch: int) -> list[int]:
+    """World seeds of batch ``step`` of ``stage`` (all below :data:`TRAIN_SEED_LIMIT`)."""
+    base = PLAN[stage].seed_base
+    return [(base + step * batch + i) % TRAIN_SEED_LIMIT for i in range(batch)]
+
+
+def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 (H, W, 3) images -> float (B, 3, H, W) in [-1, 1] (the VAE's range)."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def clip_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (B, 3, 64, 64) -> micro CLIP's normalized pixel values.
+
+    The same numbers ``CLIPImageProcessor`` (saved with the bundle) gives for 64x64 images.
+    """
+    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    return ((images + 1.0) / 2.0 - mean) / std
+
+
+class VaeBatches(Dataset):
+    """Batch ``step``: ``{"pixels": (B, 3, 64, 64) in [-1, 1]}``."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return 2**31 - 1
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        seeds = batch_seeds("vae", step, self.batch)
+        return {"pixels": images_to_tensor([sample_render(s).image for s in seeds])}
+
+
+def _caption_mode(seed: int) -> str:
+    x = np.random.default_rng([seed, 3]).random()
+    return "phrase" if x < 0.7 else ("class" if x < 0.85 else "colour")
+
+
+def hard_negatives(spec: SceneSpec, mode: str, rng: np.random.Generator) -> list[str]:
+    """Captions (in ``mode``) differing from ``spec``'s in one attribute, plus the colour swap
+    of a pair; duplicates of the true caption are left out."""
+    true = caption_for(spec, mode)
+    out: list[str] = []
+    for attr in NEGATIVE_ATTRIBUTES:
+        d = distractor(spec, attr, rng)
+        if d is not None:
+            out.append(caption_for(d, mode))
+    if len(spec.subjects) == 2 and mode != "class":
+        a, b = spec.subjects
+        swapped = (
+            type(a)(a.shape, b.colour, a.pattern),
+            type(b)(b.shape, a.colour, b.pattern),
+        )
+        out.append(caption_for(SceneSpec(swapped, spec.action, spec.relation, spec.background),
+                               mode))
+    return [c for c in dict.fromkeys(out) if c != true]
+
+
+class ClipBatches(Dataset):
+    """Batch ``step``: images, their captions then hard negatives (tokenized), and masks.
+
+    ``i2t_mask[i, j]`` / ``t2i_mask[i, j]`` are True where text ``j`` is the same string as
+    image ``i``'s caption (other than ``j == i``): such pairs are not negatives.
+    """
+
+    def __init__(self, batch: int, tokenizer: Any) -> None:
+        self.batch = batch
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return 2**31 - 1
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        seeds = batch_seeds("clip", step, self.batch)
+        images, captions, negatives = [], [], []
+        for s in seeds:
+            r = sample_render(s)
+            mode = _caption_mode(s)
+            images.append(r.image)
+            captions.append(r.caption(mode))
+            negatives.extend(hard_negatives(r.spec, mode, np.random.default_rng([s, 4])))
+        texts = captions + negatives
+        ids = self.tokenizer(
+            texts, padding="longest", truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
+        ).input_ids
+        index: dict[str, int] = {}
+        uid = torch.tensor([index.setdefault(t, len(index)) for t in texts])
+        b = len(captions)
+        same = uid[None, :] == uid[:b, None]
+        same[torch.arange(b), torch.arange(b)] = False
+        return {
+            "pixels": clip_pixels(images_to_tensor(images)),
+            "input_ids": ids,
+            "i2t_mask": same,
+            "t2i_mask": same[:, :b],
+        }
+
+
+class UnetBatches(Dataset):
+    """Batch ``step``: ``pixels`` in [-1, 1] and caption ``input_ids`` padded to 32 tokens
+    (exactly as ``StableDiffusionPipeline`` tokenizes prompts)."""
+
+    def __init__(self, batch: int, tokenizer: Any) -> None:
+        self.batch = batch
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return 2**31 - 1
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        seeds = batch_seeds("unet", step, self.batch)
+        items = [sample_dataset_item(s, p_empty=0.1, p_class=0.2, p_colour=0.1) for s in seeds]
+        ids = self.tokenizer(
+            [c for _, c in items],
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
+        return {"pixels": images_to_tensor([im for im, _ in items]), "input_ids": ids}
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+
+
+class Ema:
+    """Exponential moving average of some modules' parameters (kept in fp32)."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], decay: float = EMA_DECAY) -> None:
+        self.modules = modules
+        self.decay = decay
+        self.shadow = {
+            f"{m}.{k}": p.detach().clone()
+            for m, mod in modules.items()
+            for k, p in mod.named_parameters()
+        }
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Blend the current parameters in (decay warms up as (1 + step) / (10 + step))."""
+        d = min(self.decay, (1 + step) / (10 + step))
+        for m, mod in self.modules.items():
+            for k, p in mod.named_parameters():
+                self.shadow[f"{m}.{k}"].lerp_(p.detach(), 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        """Overwrite the modules' parameters with the averages."""
+        for m, mod in self.modules.items():
+            for k, p in mod.named_parameters():
+                p.copy_(self.shadow[f"{m}.{k}"])
+
+
+class Stage:
+    """One training stage: models, optimizer groups, loss, export."""
+
+    name = ""
+
+    def __init__(self, batch: int, device: torch.device, work: Path, out: Path) -> None:
+        self.batch = batch
+        self.device = device
+        self.work = work
+        self.out = out
+        self.ema: Ema | None = None
+
+    def trained(self) -> dict[str, torch.nn.Module]:
+        """Modules whose weights are checkpointed."""
+        raise NotImplementedError
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """AdamW parameter groups (each with its base ``lr``)."""
+        raise NotImplementedError
+
+    def dataset(self) -> Dataset:
+        """Batches indexed by step."""
+        raise NotImplementedError
+
+    def loss(
+        self, batch: dict[str, torch.Tensor], gen: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The training loss of one batch and numbers to log."""
+        raise NotImplementedError
+
+    def export(self, final: Path) -> None:
+        """Write the trained model(s) in fp32 to ``final``."""
+        raise NotImplementedError
+
+
+class VaeStage(Stage):
+    """AutoencoderKL: L1 + MSE + gradient L1 + small KL."""
+
+    name = "vae"
+
+    def __init__(self, batch: int, device: torch.device, work: Path, out: Path) -> None:
+        super().__init__(batch, device, work, out)
+        torch.manual_seed(0)
+        self.vae = micro_vae().to(device)
+
+    def trained(self) -> dict[str, torch.nn.Module]:
+        return {"vae": self.vae}
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        return [{"params": list(self.vae.parameters()), "lr": lr, "weight_decay": 0.0}]
+
+    def dataset(self) -> Dataset:
+        return VaeBatches(self.batch)
+
+    def loss(
+        self, batch: dict[str, torch.Tensor], gen: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        x = batch["pixels"]
+        post = self.vae.encode(x).latent_dist
+        rec = self.vae.decode(post.sample(generator=gen)).sample
+        l1 = (rec - x).abs().mean()
+        mse = F.mse_loss(rec, x)
+        gx = ((rec[..., 1:] - rec[..., :-1]) - (x[..., 1:] - x[..., :-1])).abs().mean()
+        gy = ((rec[..., 1:, :] - rec[..., :-1, :]) - (x[..., 1:, :] - x[..., :-1, :])).abs().mean()
+        kl = post.kl().mean() / post.mean[0].numel()
+        loss = l1 + mse + 0.5 * (gx + gy) + VAE_KL_WEIGHT * kl
+        return loss, {"l1": l1.item(), "kl": kl.item()}
+
+    @torch.no_grad()
+    def export(self, final: Path) -> None:
+        self.vae.eval()
+        sf = latent_scaling_factor(self.vae, self.device)
+        self.vae.register_to_config(scaling_factor=sf)
+        acc = vae_parse_accuracy(self.vae, self.device)
+        print(f"vae: latent scaling factor {sf:.4f}; held-out reconstructions parse back to "
+              f"the right colour + class for {100 * acc:.1f} % of subjects", flush=True)
+        self.vae.save_pretrained(final, safe_serialization=True)
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae: Any, device: torch.device, n: int = 1024) -> float:
+    """1 / std of posterior samples of ``n`` training renders (SD's ``scaling_factor``)."""
+    gen = torch.Generator(device=device).manual_seed(1234)
+    zs = []
+    for i in range(0, n, 64):
+        seeds = [(TRAIN_SEED_LIMIT - 1 - j) for j in range(i, min(n, i + 64))]
+        x = images_to_tensor([sample_render(s).image for s in seeds]).to(device)
+        zs.append(vae.encode(x).latent_dist.sample(generator=gen).float().cpu())
+    return float(1.0 / torch.cat(zs).std())
+
+
+@torch.no_grad()
+def vae_parse_accuracy(vae: Any, device: torch.device, n: int = 64) -> float:
+    """Share of subjects of held-out renders whose reconstruction parses to the right colour
+    and class (:func:`dynasyn.micro.parse.parse_image`)."""
+    from dynasyn.micro.parse import parse_image
+
+    renders = [sample_render(HELDOUT_SEED + 7_000_000 + i) for i in range(n)]
+    x = images_to_tensor([r.image for r in renders]).to(device)
+    rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    imgs = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    good = total = 0
+    for r, im in zip(renders, imgs, strict=True):
+        if r.spec.background in ("sketch", "grayscale"):
+            continue
+        found = {(s["colour"], s["shape"]) for s in parse_image(im)}
+        for s in r.spec.subjects:
+            total += 1
+            good += (s.colour, s.shape) in found
+    return good / max(total, 1)
+
+
+class ClipStage(Stage):
+    """Micro CLIP: symmetric InfoNCE with one-attribute hard-negative captions."""
+
+    name = "clip"
+
+    def __init__(self, batch: int, device: torch.device, work: Path, out: Path) -> None:
+        super().__init__(batch, device, work, out)
+        torch.manual_seed(1)
+        self.clip = micro_clip().to(device)
+        self.tokenizer = micro_tokenizer()
+
+    def trained(self) -> dict[str, torch.nn.Module]:
+        return {"clip": self.clip}
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        return [{"params": list(self.clip.parameters()), "lr": lr, "weight_decay": 0.01}]
+
+    def dataset(self) -> Dataset:
+        return ClipBatches(self.batch, self.tokenizer)
+
+    def loss(
+        self, batch: dict[str, torch.Tensor], gen: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        img = _features(self.clip.get_image_features(pixel_values=batch["pixels"]))
+        txt = _features(self.clip.get_text_features(input_ids=batch["input_ids"]))
+        img = F.normalize(img, dim=-1)
+        txt = F.normalize(txt, dim=-1)
+        scale = self.clip.logit_scale.clamp(max=math.log(100.0)).exp()
+        b = img.shape[0]
+        i2t = (scale * img @ txt.T).masked_fill(batch["i2t_mask"], float("-inf"))
+        t2i = (scale * txt[:b] @ img.T).masked_fill(batch["t2i_mask"], float("-inf"))
+        target = torch.arange(b, device=img.device)
+        loss_i = F.cross_entropy(i2t, target)
+        loss = (loss_i + F.cross_entropy(t2i, target)) / 2
+        acc = float((i2t.argmax(-1) == target).float().mean())
+        return loss, {"i2t_acc": acc, "scale": float(scale)}
+
+    def export(self, final: Path) -> None:
+        self.clip.save_pretrained(final, safe_serialization=True)
+
+
+def _features(out: Any) -> torch.Tensor:
+    """``get_*_features`` returns a tensor in transformers 4, an output object in 5."""
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+class UnetStage(Stage):
+    """Micro SD: UNet from scratch + text encoder from micro CLIP's text tower, frozen VAE."""
+
+    name = "unet"
+
+    def __init__(self, batch: int, device: torch.device, work: Path, out: Path) -> None:
+        super().__init__(batch, device, work, out)
+        from diffusers import DDPMScheduler
+
+        from dynasyn.micro.models import micro_scheduler_config
+
+        self.tokenizer = micro_tokenizer()
+        self.vae = load_trained_vae(work, out).to(device).eval().requires_grad_(False)
+        self.sf = float(self.vae.config.scaling_factor)
+        torch.manual_seed(2)
+        self.text_encoder = load_text_tower(work, out).to(device)
+        self.unet = micro_unet().to(device)
+        cfg = {k: v for k, v in micro_scheduler_config().items() if k != "set_alpha_to_one"}
+        self.scheduler = DDPMScheduler(**cfg)
+        self.alphas = self.scheduler.alphas_cumprod.to(device)
+        self.ema = Ema({"unet": self.unet, "text_encoder": self.text_encoder})
+
+    def trained(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        return [
+            {"params": list(self.unet.parameters()), "lr": lr, "weight_decay": 0.01},
+            {"params": list(self.text_encoder.parameters()), "lr": TEXT_LR, "weight_decay": 0.01},
+        ]
+
+    def dataset(self) -> Dataset:
+        return UnetBatches(self.batch, self.tokenizer)
+
+    def loss(
+        self, batch: dict[str, torch.Tensor], gen: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.no_grad():
+            lat = self.vae.encode(batch["pixels"]).latent_dist.sample(generator=gen) * self.sf
+        b = lat.shape[0]
+        noise = torch.randn(lat.shape, generator=gen, device=lat.device)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=gen,
+                          device=lat.device)
+        noisy = self.scheduler.add_noise(lat, noise, t)
+        cond = self.text_encoder(batch["input_ids"])[0]
+        pred = self.unet(noisy, t, cond).sample
+        a = self.alphas[t]
+        snr = a / (1 - a)
+        weight = snr.clamp(max=MIN_SNR_GAMMA) / snr
+        mse = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        return (weight * mse).mean(), {"mse": mse.mean().item()}
+
+    def export(self, final: Path) -> None:
+        if self.ema is not None:
+            self.ema.copy_to()
+        self.unet.save_pretrained(final / "unet", safe_serialization=True)
+        self.text_encoder.save_pretrained(final / "text_encoder", safe_serialization=True)
+        save_samples(self, final / "samples.png")
+
+
+def load_trained_vae(work: Path, out: Path) -> Any:
+    """The ``vae`` stage's result (``work/vae/final``), else the bundled one under ``out``."""
+    from diffusers import AutoencoderKL
+
+    for p in (work / "vae" / "final", out / "sd" / "vae"):
+        if (p / "config.json").exists():
+            return AutoencoderKL.from_pretrained(p).float()
+    raise SystemExit(
+        f"no trained VAE: run `--stage vae` first (looked in {work / 'vae' / 'final'} and "
+        f"{out / 'sd' / 'vae'})"
+    )
+
+
+def load_text_tower(work: Path, out: Path) -> torch.nn.Module:
+    """A text encoder initialized from the trained micro CLIP (``work/clip/final`` or the
+    bundled one); a fresh one, with a warning, when neither exists."""
+    from transformers import CLIPModel
+
+    from dynasyn.micro.models import micro_text_encoder
+
+    for p in (work / "clip" / "final", out / "clip"):
+        if (p / "config.json").exists():
+            return text_encoder_from_clip(CLIPModel.from_pretrained(p, dtype=torch.float32))
+    print("warning: no trained micro CLIP found; the text encoder starts from scratch",
+          file=sys.stderr)
+    return micro_text_encoder()
+
+
+PREVIEW_PROMPTS: tuple[str, ...] = (
+    "a red plain ball",
+    "a blue striped star is jumping",
+    "a green dotted cat is sleeping",
+    "a yellow checkered cube on the grass",
+    "a purple plain fish is on top of an orange striped cube",
+    "a pink heart is upside down",
+    "a cyan pyramid next to a red ring at night",
+    "",
+)
+"""Prompts of the preview grid written after the ``unet`` stage."""
+
+
+@torch.no_grad()
+def save_samples(stage: UnetStage, path: Path, steps: int = 25) -> None:
+    """A preview grid (one row of :data:`PREVIEW_PROMPTS`, guidance 4) for a quick look."""
+    from PIL import Image
+
+    from dynasyn.micro.models import assemble_pipeline
+
+    pipe = assemble_pipeline(stage.vae, stage.unet.eval(), stage.text_encoder.eval(),
+                             stage.tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator(device=stage.device).manual_seed(0)
+    imgs = pipe(list(PREVIEW_PROMPTS), num_inference_steps=steps, guidance_scale=4.0,
+                generator=gen, output_type="np").images
+    row = (np.concatenate(list(imgs), axis=1) * 255).round().astype(np.uint8)
+    Image.fromarray(row).save(path)
+
+
+STAGE_CLASSES: dict[str, type[Stage]] = {"vae": VaeStage, "clip": ClipStage, "unet": UnetStage}
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def lr_factor(step: int, progress: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from 1 to 0.1 over ``progress``."""
+    w = min(1.0, (step + 1) / max(1, warmup))
+    return w * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@dataclass
+class StageResult:
+    """What a stage did: its step count and seconds of training (all runs together)."""
+
+    step: int
+    elapsed: float
+
+
+def _batches(ds: Dataset, start: int, end: int, workers: int, pin: bool) -> Iterator[Any]:
+    loader = DataLoader(
+        ds, batch_size=None, sampler=range(start, end), num_workers=workers, pin_memory=pin
+    )
+    yield from loader
+
+
+def train_stage(
+    name: str,
+    *,
+    work: Path,
+    out: Path,
+    steps: int | None = None,
+    batch: int | None = None,
+    seconds: float = math.inf,
+    resume: bool = False,
+    fresh: bool = False,
+    device: torch.device = torch.device("cpu"),
+    ckpt_minutes: float = 5.0,
+    workers: int = 0,
+    progress: bool = True,
+) -> StageResult:
+    """Train one stage for ``steps`` (default: the plan) or ``seconds``, whichever ends first.
+
+    Resumes from the stage's latest checkpoint with ``resume``; refuses to overwrite existing
+    checkpoints unless ``resume`` or ``fresh``. Exports the fp32 result to ``work/name/final``.
+    """
+    plan = PLAN[name]
+    steps = plan.steps if steps is None else steps
+    batch = plan.batch if batch is None else batch
+    sdir = work / name
+    ckdir = sdir / "checkpoints"
+    existing = list_checkpoints(ckdir)
+    if existing and not (resume or fresh):
+        raise SystemExit(
+            f"{ckdir} holds checkpoints of an earlier run: pass --resume to continue it or "
+            "--fresh to start over"
+        )
+    if fresh and sdir.exists():
+        shutil.rmtree(sdir)
+        existing = []
+    stage = STAGE_CLASSES[name](batch, device, work, out)
+    models = stage.trained()
+    opt = torch.optim.AdamW(stage.param_groups(plan.lr), betas=(0.9, 0.999))
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    start, elapsed = 0, 0.0
+    if resume and existing:
+        state, weights, opt_tensors = read_checkpoint(existing[-1])
+        for m, mod in models.items():
+            mod.load_state_dict({k: v.to(device) for k, v in weights[m].items()})
+        if stage.ema is not None and "ema" in weights:
+            stage.ema.shadow = {k: v.to(device) for k, v in weights["ema"].items()}
+        load_optimizer(opt, {k: v.to(device) for k, v in opt_tensors.items()}, state["optimizer"])
+        start, elapsed = int(state["step"]), float(state["elapsed"])
+        if int(state.get("batch", batch)) != batch:
+            print(f"warning: resuming {name} with batch {batch} (was {state['batch']})",
+                  file=sys.stderr)
+        print(f"{name}: resumed from {existing[-1]} (step {start}, {elapsed / 60:.1f} min)",
+              flush=True)
+
+    def checkpoint(step: int) -> None:
+        weights = {m: mod.state_dict() for m, mod in models.items()}
+        if stage.ema is not None:
+            weights["ema"] = stage.ema.shadow
+        write_checkpoint(ckdir, f"step-{step:07d}", weights, opt,
+                         {"stage": name, "step": step, "elapsed": elapsed, "batch": batch,
+                          "steps": steps})
+
+    warmup = min(200, max(1, steps // 10))
+    for mod in models.values():
+        mod.train()
+    step = start
+    if step < steps and elapsed < seconds:
+        sdir.mkdir(parents=True, exist_ok=True)
+        log = (sdir / "log.jsonl").open("a")
+        bar = tqdm(total=steps, initial=start, desc=name, unit="step", disable=not progress,
+                   dynamic_ncols=True)
+        t_run = time.monotonic()
+        e_run = elapsed
+        last_ckpt = t_run
+        avg: float | None = None
+        for batch_data in _batches(stage.dataset(), start, steps, workers,
+                                   device.type == "cuda"):
+            elapsed = e_run + time.monotonic() - t_run
+            if elapsed >= seconds:
+                break
+            frac = max(step / steps, elapsed / seconds if math.isfinite(seconds) else 0.0)
+            f = lr_factor(step, frac, warmup)
+            for g, lr in zip(opt.param_groups, base_lrs, strict=True):
+                g["lr"] = lr * f
+            data = {k: v.to(device, non_blocking=True) for k, v in batch_data.items()}
+            gen = torch.Generator(device=device).manual_seed(plan.seed_base + step)
+            loss, info = stage.loss(data, gen)
+            if not torch.isfinite(loss):
+                raise SystemExit(f"{name}: non-finite loss at step {step}; last checkpoint kept")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in opt.param_groups for p in g["params"]], 1.0
+            )
+            opt.step()
+            step += 1
+            if stage.ema is not None:
+                stage.ema.update(step)
+            lv = float(loss)
+            avg = lv if avg is None else 0.98 * avg + 0.02 * lv
+            bar.update(1)
+            bar.set_postfix(loss=f"{avg:.4f}", **{k: f"{v:.3g}" for k, v in info.items()})
+            if step % 10 == 0 or step == steps:
+                log.write(json.dumps({"step": step, "loss": lv, "lr": opt.param_groups[0]["lr"],
+                                      "elapsed": round(elapsed, 1), **info}) + "\n")
+                log.flush()
+            if time.monotonic() - last_ckpt >= 60 * ckpt_minutes:
+                elapsed = e_run + time.monotonic() - t_run
+                checkpoint(step)
+                last_ckpt = time.monotonic()
+        elapsed = e_run + time.monotonic() - t_run
+        bar.close()
+        log.close()
+        checkpoint(step)
+        print(f"{name}: {step} steps, {elapsed / 60:.1f} min"
+              + (f", loss {avg:.4f}" if avg is not None else ""), flush=True)
+    for mod in models.values():
+        mod.eval()
+    tmp = sdir / ".final-tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    stage.export(tmp)
+    if (sdir / "final").exists():
+        shutil.rmtree(sdir / "final")
+    tmp.rename(sdir / "final")
+    (sdir / "final" / "done.json").write_text(json.dumps({"step": step, "elapsed": elapsed}))
+    return StageResult(step, elapsed)
+
+
+def export_bundle(work: Path, out: Path) -> dict[str, Path]:
+    """Write the fp16 bundle into ``out`` from the finished stages under ``work``.
+
+    ``sd/`` when the ``unet`` stage has finished (its VAE from ``work/vae/final`` or the
+    existing bundle), ``clip/`` when the ``clip`` stage has.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPModel, CLIPTextModel
+
+    parts: dict[str, Any] = {}
+    unet_final = work / "unet" / "final"
+    if (unet_final / "unet" / "config.json").exists():
+        parts["vae"] = load_trained_vae(work, out)
+        parts["unet"] = UNet2DConditionModel.from_pretrained(unet_final / "unet").float()
+        parts["text_encoder"] = CLIPTextModel.from_pretrained(
+            unet_final / "text_encoder", dtype=torch.float32
+        )
+    clip_final = work / "clip" / "final"
+    if (clip_final / "config.json").exists():
+        parts["clip"] = CLIPModel.from_pretrained(clip_final, dtype=torch.float32)
+    if not parts:
+        return {}
+    return save_bundle(out, tokenizer=micro_tokenizer(), **parts)
+
+
+def train(
+    stages: tuple[str, ...],
+    *,
+    work: Path,
+    out: Path,
+    minutes: float | None = None,
+    steps: int | None = None,
+    batch: int | None = None,
+    resume: bool = False,
+    fresh: bool = False,
+    device: torch.device = torch.device("cpu"),
+    ckpt_minutes: float = 5.0,
+    workers: int = 0,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Run ``stages`` in order (time budget shared by :attr:`StagePlan.share`), then write the
+    bundle. Returns the written bundle directories."""
+    total = math.inf if minutes is None else 60.0 * minutes
+    used = 0.0
+    for i, name in enumerate(stages):
+        rest = sum(PLAN[s].share for s in stages[i:])
+        seconds = (total - used) * PLAN[name].share / rest if math.isfinite(total) else math.inf
+        res = train_stage(name, work=work, out=out, steps=steps, batch=batch,
+                          seconds=max(seconds, 0.0), resume=resume, fresh=fresh, device=device,
+                          ckpt_minutes=ckpt_minutes, workers=workers, progress=progress)
+        used += res.elapsed
+    written = export_bundle(work, out)
+    for k, p in written.items():
+        print(f"wrote {k}: {p}", flush=True)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``python -m dynasyn.micro.train --help``."""
+    from dynasyn.models import pick_device, quiet_libraries
+
+    ap = argparse.ArgumentParser(
+        prog="python -m dynasyn.micro.train",
+        description="Train the micro VAE, micro CLIP and micro Stable Diffusion on the micro "
+        "world and write the bundle (fp16 safetensors, diffusers / transformers format).",
+        epilog="examples:\n"
+        "  python -m dynasyn.micro.train --minutes 115 --device cpu   # the bundled weights\n"
+        "  python -m dynasyn.micro.train --resume --minutes 115        # continue a killed run\n"
+        "  python -m dynasyn.micro.train --stage unet --minutes 30 --fresh\n"
+        "  python -m dynasyn.micro.train --steps 3 --batch 4 --out /tmp/m --work /tmp/w  # smoke",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--stage", choices=(*STAGES, "all"), default="all",
+                    help="stage to train (all = vae, clip, unet in order)")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="total time budget of the stages run (default: none, planned steps)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="steps per stage (default: the plan, vae %d / clip %d / unet %d)"
+                    % (PLAN["vae"].steps, PLAN["clip"].steps, PLAN["unet"].steps))
+    ap.add_argument("--batch", type=int, default=None,
+                    help="batch size of every stage run (default: vae 32 / clip 64 / unet 32)")
+    ap.add_argument("--out", type=Path, default=micro_weights_path(),
+                    help="bundle directory (default: the package's micro/weights)")
+    ap.add_argument("--work", type=Path, default=Path("runs/micro-train"),
+                    help="checkpoints, logs and per-stage results (default: runs/micro-train)")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoints")
+    ap.add_argument("--fresh", action="store_true",
+                    help="delete earlier checkpoints of the stages run and start over")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                    help="auto = CUDA when available, else CPU")
+    ap.add_argument("--ckpt-minutes", type=float, default=5.0, help="checkpoint interval")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="data loader processes (default: 0 on CPU, up to 8 with CUDA)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    if args.resume and args.fresh:
+        ap.error("--resume and --fresh exclude each other")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available; use --device cpu",
+              file=sys.stderr)
+        return 2
+    device = torch.device("cuda") if args.device == "cuda" else pick_device("auto")
+    if device.type == "mps":
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    workers = args.workers
+    if workers is None:
+        workers = min(8, max(0, (os.cpu_count() or 1) - 2)) if device.type == "cuda" else 0
+    quiet_libraries()
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    print(f"micro training: stages {', '.join(stages)} on {device}; work {args.work}, "
+          f"bundle {args.out}", flush=True)
+    train(stages, work=args.work, out=args.out, minutes=args.minutes, steps=args.steps,
+          batch=args.batch, resume=args.resume, fresh=args.fresh, device=device,
+          ckpt_minutes=args.ckpt_minutes, workers=workers, progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
