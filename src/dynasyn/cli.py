@@ -25,6 +25,20 @@ TRAIN_EXAMPLES = """examples:
 presets:
 """ + "\n".join(f"  {k:<18} {v}" for k, v in PRESET_HELP.items())
 
+AUGMENT_EXAMPLES = """examples:
+  dynasyn augment ../shared/data/scenes/bear --model stabilityai/stable-diffusion-2-1-base \\
+      --out aug/bear --num-prompts 30
+  DYNASYN_CHAT_BASE_URL=http://localhost:8000/v1 DYNASYN_CHAT_MODEL=qwen2.5 \\
+      dynasyn augment scene/ --provider openai --out aug/x       # any OpenAI-compatible server
+  dynasyn augment scene/ --inpainter cv2 --segmenter sam --sam-model ./sam-vit-base --out aug/x
+  accelerate launch -m dynasyn.cli augment scene/ --out aug/x   # drafts split over processes
+"""
+
+PERSONALIZE_EXAMPLES = """examples:
+  dynasyn personalize ../shared/data/scenes/bear --model stabilityai/stable-diffusion-2-1-base \\
+      --out runs/bear          # = augment into runs/bear/augmented, then train with L_AUG
+"""
+
 GENERATE_EXAMPLES = """examples:
   dynasyn generate runs/bear "<asset0> is throwing the <asset1>" -n 4 --seed 0
   dynasyn generate runs/bear "a photo of <asset2> at the beach" --steps 25 --guidance 5
@@ -52,6 +66,48 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_augment_args(p: argparse.ArgumentParser, with_model: bool = True) -> None:
+    if with_model:
+        p.add_argument("--model", default="micro", help="diffusers SD pipeline (default micro)")
+    p.add_argument("--num-prompts", type=int, default=30, help="augmented items (paper: 30)")
+    p.add_argument("--provider", default="template", choices=["template", "openai", "local"],
+                   help="prompt generator (Step 2)")
+    p.add_argument("--describer", default="scene", choices=["scene", "openai", "local"],
+                   help="noun phrases (Step 1): scene.json, a chat endpoint, or a local model")
+    p.add_argument("--segmenter", default="attention", choices=["attention", "sam"])
+    p.add_argument("--inpainter", default="diffusion", choices=["diffusion", "cv2", "sd-inpaint"])
+    p.add_argument("--strength", type=float, default=0.7, help="GSA noise strength (paper 0.7)")
+    p.add_argument("--draft-steps", type=int, default=25)
+    p.add_argument("--gsa-steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--aug-seed", type=int, default=0)
+    p.add_argument("--sam-model", help="transformers SamModel directory (--segmenter sam)")
+    p.add_argument("--inpaint-model", help="SD inpainting pipeline (--inpainter sd-inpaint)")
+    p.add_argument("--local-model", help="transformers model path (--provider/--describer local)")
+    p.add_argument("--chat-base-url", help="OpenAI-compatible base URL (env DYNASYN_CHAT_BASE_URL)")
+    p.add_argument("--chat-model", help="chat model name (env DYNASYN_CHAT_MODEL)")
+
+
+def _augment_config(args: argparse.Namespace, model: str | None):
+    from dynasyn.augment.pipeline import AugmentConfig
+
+    return AugmentConfig(
+        model=model or "micro", num_prompts=args.num_prompts, provider=args.provider,
+        describer=args.describer, segmenter=args.segmenter, inpainter=args.inpainter,
+        strength=args.strength, draft_steps=args.draft_steps, gsa_steps=args.gsa_steps,
+        guidance=args.guidance, seed=args.aug_seed, sam_model=args.sam_model,
+        inpaint_model=args.inpaint_model, local_model=args.local_model,
+    ).validate()
+
+
+def _chat_client(args: argparse.Namespace):
+    if "openai" not in (args.provider, args.describer):
+        return None
+    from dynasyn.augment.chat import ChatClient
+
+    return ChatClient(base_url=args.chat_base_url, model=args.chat_model)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dynasyn",
@@ -63,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="personalize a model to a scene", epilog=TRAIN_EXAMPLES,
                        formatter_class=fmt)
     _add_train_args(p)
+    a = sub.add_parser("augment", help="prompt-and-image augmentation (paper Steps 1-4)",
+                       epilog=AUGMENT_EXAMPLES, formatter_class=fmt)
+    a.add_argument("scene", help="scene directory")
+    a.add_argument("--out", required=True, help="augmented directory (resumable)")
+    _add_augment_args(a)
+    pz = sub.add_parser("personalize", help="augment + train in one go",
+                        epilog=PERSONALIZE_EXAMPLES, formatter_class=fmt)
+    _add_train_args(pz)
+    _add_augment_args(pz, with_model=False)
     g = sub.add_parser("generate", help="render prompts with a trained run",
                        epilog=GENERATE_EXAMPLES, formatter_class=fmt)
     g.add_argument("run", help="run directory written by `dynasyn train`")
@@ -78,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace, allow_existing: bool = False) -> int:
     from dynasyn.config import build_config, load_config, parse_set
     from dynasyn.train import train
 
@@ -108,7 +173,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.augmented and not Path(args.augmented).is_dir():
             raise InputError(f"augmented directory {args.augmented} does not exist; check the path")
     train(cfg, out, resume=args.resume, overwrite=args.overwrite,
-          progress=not args.no_progress)
+          progress=not args.no_progress, allow_existing=allow_existing)
     print(f"run written to {out}")
     return 0
 
@@ -131,7 +196,42 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate}
+def cmd_augment(args: argparse.Namespace) -> int:
+    from dynasyn.augment.pipeline import augment
+
+    cfg = _augment_config(args, args.model)
+    out = augment(args.scene, args.out, cfg, client=_chat_client(args),
+                  progress=not getattr(args, "no_progress", False))
+    print(f"augmented items written to {out} (contact sheets in {out}/cache/*/sheet.png)")
+    return 0
+
+
+def cmd_personalize(args: argparse.Namespace) -> int:
+    from dynasyn.augment.pipeline import augment
+    from dynasyn.train import prepare_run_dir
+
+    out = Path(args.out)
+    if args.resume and (out / "config.yaml").is_file():
+        return cmd_train(args)  # augmentation finished: continue training
+    if not args.scene:
+        raise InputError("no scene given: pass a scene directory")
+    if not args.resume:
+        prepare_run_dir(out, args.overwrite, False)
+    cfg = _augment_config(args, args.model)
+    if args.overwrite and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    aug = augment(args.scene, out / "augmented", cfg, client=_chat_client(args),
+                  progress=not args.no_progress)
+    args.augmented = str(aug)
+    args.overwrite = False
+    args.resume = False
+    return cmd_train(args, allow_existing=True)
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "augment": cmd_augment,
+            "personalize": cmd_personalize}
 
 
 def main(argv: list[str] | None = None) -> int:

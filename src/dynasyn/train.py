@@ -621,11 +621,11 @@ def _atomic_dir(path: Path, write) -> None:
     tmp.rename(path)
 
 
-def prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
+def prepare_run_dir(out: Path, overwrite: bool, resume: bool, allow_existing: bool = False) -> None:
     """Refuse to clobber an existing run unless --overwrite / --resume says so."""
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} exists and is not a directory; choose another --out")
-    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
+    if out.exists() and any(out.iterdir()) and not (overwrite or resume or allow_existing):
         raise InputError(
             f"output directory {out} already exists; pass --overwrite to replace it "
             "or --resume to continue it"
@@ -635,11 +635,12 @@ def prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, accelerator: Accelerator | None = None) -> Trainer:
+          progress: bool = True, accelerator: Accelerator | None = None,
+          allow_existing: bool = False) -> Trainer:
     """Validate everything, then train into ``out``. Nothing is written before validation."""
     out = Path(out)
     acc = accelerator or make_accelerator(cfg)
-    prepare_run_dir(out, overwrite, resume)
+    prepare_run_dir(out, overwrite, resume, allow_existing)
     scene = load_scene(cfg.scene, classes=cfg.classes or None)
     trainer = Trainer(cfg, out, scene=scene, accelerator=acc, progress=progress)
     acc.wait_for_everyone()  # every process has validated its inputs before anything is written

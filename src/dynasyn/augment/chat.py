@@ -32,7 +32,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from PIL import Image
 
@@ -42,6 +42,7 @@ __all__ = [
     "DEFAULT_BASE_URL",
     "ChatClient",
     "ChatError",
+    "Completer",
     "LocalChat",
     "image_part",
     "parse_list",
@@ -58,6 +59,14 @@ _MAX_RETRY_AFTER = 60.0
 
 class ChatError(RuntimeError):
     """The chat endpoint could not give an answer (after the retries, where retried)."""
+
+
+class Completer(Protocol):
+    """Anything with :meth:`ChatClient.complete`'s signature (ChatClient, LocalChat, fakes)."""
+
+    def complete(
+        self, messages: Sequence[Mapping[str, Any]], temperature: float = ..., max_tokens: int = ...
+    ) -> str: ...
 
 
 def text_part(text: str) -> dict[str, Any]:

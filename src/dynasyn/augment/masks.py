@@ -379,7 +379,9 @@ def sam_masks(
     ``SamProcessor``. The image is embedded once; each subject is decoded separately and the
     multimask output with the best predicted IoU is kept. With ``resolve`` a pixel claimed by
     several subjects goes to the one with the higher mask logit. An empty result falls back to
-    ``fallback[i]`` when given, else to the prompt's box, else to small squares at its points.
+    ``fallback[i]`` when given (e.g. the attention mask), else to the prompt's box, else to
+    small squares at its points; the fallback takes its pixels from the other subjects' masks
+    (unless that would empty one), so the masks stay disjoint.
     """
     image = image.convert("RGB")
     W, H = image.size
@@ -416,12 +418,15 @@ def sam_masks(
     masks = [lg > 0 for lg in logits]
     if resolve and masks:
         masks = resolve_overlaps(masks, np.stack(logits))
-    out_masks = []
-    for i, m in enumerate(masks):
-        if not m.any():
-            m = _sam_fallback(i, parsed[i], fallback, (H, W))
-        out_masks.append(m)
-    return out_masks
+    for i in range(len(masks)):
+        if masks[i].any():
+            continue
+        fb = _sam_fallback(i, parsed[i], fallback, (H, W))
+        for j in range(len(masks)):  # the fallback claims its pixels unless that empties j
+            if j != i and resolve and (masks[j] & ~fb).any():
+                masks[j] = masks[j] & ~fb
+        masks[i] = fb
+    return masks
 
 
 def _sam_fallback(

@@ -18,11 +18,15 @@ Providers (:func:`generate_prompts`):
     figurines, dolls, robots), ``toy`` (plush and toy figures), ``ball``, ``container`` (bowls,
     cups, vases, boxes …) or ``object`` (everything else). Actions come from the subject's
     category, interactions from the pair's categories (an animal or person throws, carries,
-    drinks from a bowl or sits in it; objects are next to / inside / in front of each other, or
-    are "being carried by" an animate subject). Balance: half of the prompts (rounded down) are
-    interactions when the scene has two or more subjects (none with one subject); actions are
-    split evenly over the subjects and interactions evenly over the *ordered* pairs (counts
-    differ by at most one; who gets the remainder is drawn with the seed). Deterministic for a
+    drinks from a bowl or sits in it; objects are inside / leaning against each other, or are
+    "being carried by" an animate subject); the category-specific interactions come before the
+    purely spatial ones ("next to", "behind", …), which are used once the specific ones are.
+
+    Balance: half of the prompts (rounded down) are interactions when the scene has two or more
+    subjects (none with one subject); actions are split evenly over the subjects and
+    interactions evenly over the *ordered* pairs (counts differ by at most one; who gets the
+    remainder is drawn with the seed and given where it keeps each subject's total count,
+    actions plus interactions, most even). Deterministic for a
     seed; no (template, subjects) item repeats, and a template string is reused for another
     subject only when the category's pool is exhausted. Pools are extended by a time of day
     ("… at sunset.") before anything repeats.
@@ -50,10 +54,10 @@ import logging
 import random
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from dynasyn.augment.chat import ChatClient, ChatError, LocalChat, parse_list
+from dynasyn.augment.chat import ChatClient, ChatError, Completer, LocalChat, parse_list
 from dynasyn.errors import InputError
 from dynasyn.tokens import placeholder, render
 
@@ -95,14 +99,6 @@ _FORMAT_ONE = (
     "Answer with a JSON array of strings only."
 )
 _FORMAT_FILTER = " Answer with a JSON array of strings only."
-
-
-class Completer(Protocol):
-    """Anything with :meth:`ChatClient.complete`'s signature (ChatClient, LocalChat, fakes)."""
-
-    def complete(
-        self, messages: Sequence[Mapping[str, Any]], temperature: float = ..., max_tokens: int = ...
-    ) -> str: ...
 
 
 @dataclass
@@ -326,21 +322,30 @@ def _action_templates(cat: str) -> list[str]:
     return [f"The {{0}} {a}." for a in _ACTIONS.get(cat, _ACTIONS["object"])]
 
 
-def _interaction_templates(agent: str, patient: str) -> list[str]:
-    out: list[str] = []
+def _interaction_templates(agent: str, patient: str) -> tuple[list[str], list[str]]:
+    """(specific, spatial) interaction templates for an (agent, patient) category pair."""
+    specific: list[str] = []
+    spatial: list[str] = []
     for agents, patients, verbs in _INTERACTIONS:
         if agent in agents and patient in patients:
-            out.extend(f"{{0}} {v}." for v in verbs if f"{{0}} {v}." not in out)
-    return out
+            dest = spatial if agents == _ALL and patients == _ALL else specific
+            for v in verbs:
+                t = f"{{0}} {v}."
+                if t not in specific and t not in spatial:
+                    dest.append(t)
+    return specific, spatial
 
 
-def _with_times(templates: list[str], rng: random.Random) -> list[str]:
-    """``templates`` shuffled, then every template with a time of day, shuffled."""
-    base = list(templates)
-    rng.shuffle(base)
-    extra = [t[:-1] + f" {tm}." for t in templates for tm in _TIMES]
+def _with_times(rng: random.Random, *tiers: list[str]) -> list[str]:
+    """Each tier shuffled, in order; then every template with a time of day, shuffled."""
+    out: list[str] = []
+    for tier in tiers:
+        base = list(tier)
+        rng.shuffle(base)
+        out += base
+    extra = [t[:-1] + f" {tm}." for tier in tiers for t in tier for tm in _TIMES]
     rng.shuffle(extra)
-    return base + extra
+    return out + extra
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,20 +355,36 @@ Group = tuple[Kind, tuple[int, ...]]
 
 
 def _targets(n: int, num_prompts: int, rng: random.Random) -> dict[Group, int]:
-    """How many items each group gets: the balance rule of the module docstring."""
+    """How many items each group gets: the balance rule of the module docstring.
+
+    Actions are split evenly over the subjects and interactions over the ordered pairs; the
+    remainders go to seeded-random subjects, then to the pairs whose subjects appear least so
+    far, so that every subject's total count (actions + interactions) differs by at most 2.
+    """
     n_inter = num_prompts // 2 if n >= 2 else 0
     n_act = num_prompts - n_inter
     out: dict[Group, int] = {}
-    for kind, groups, total in (
-        ("action", [(i,) for i in range(n)], n_act),
-        ("interaction", [(i, j) for i in range(n) for j in range(n) if i != j], n_inter),
-    ):
-        if not groups:
-            continue
-        order = list(groups)
-        rng.shuffle(order)
-        for k, g in enumerate(order):
-            out[(kind, g)] = total // len(groups) + (1 if k < total % len(groups) else 0)
+    load = [0] * n  # how often each subject appears so far
+    subjects = list(range(n))
+    rng.shuffle(subjects)
+    for k, i in enumerate(subjects):
+        out[("action", (i,))] = n_act // n + (1 if k < n_act % n else 0)
+        load[i] += out[("action", (i,))]
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    if not pairs:
+        return out
+    rng.shuffle(pairs)
+    for i, j in pairs:
+        out[("interaction", (i, j))] = n_inter // len(pairs)
+        load[i] += n_inter // len(pairs)
+        load[j] += n_inter // len(pairs)
+    left = list(pairs)
+    for _ in range(n_inter % len(pairs)):
+        best = min(left, key=lambda p: (load[p[0]] + load[p[1]], max(load[p[0]], load[p[1]])))
+        left.remove(best)
+        out[("interaction", best)] += 1
+        load[best[0]] += 1
+        load[best[1]] += 1
     return out
 
 
@@ -372,12 +393,12 @@ def _template_pools(classes: Sequence[str], rng: random.Random) -> dict[Group, l
     n = len(cats)
     pools: dict[Group, list[str]] = {}
     for i in range(n):
-        pools[("action", (i,))] = _with_times(_action_templates(cats[i]), rng)
+        pools[("action", (i,))] = _with_times(rng, _action_templates(cats[i]))
     for i in range(n):
         for j in range(n):
             if i != j:
                 pools[("interaction", (i, j))] = _with_times(
-                    _interaction_templates(cats[i], cats[j]), rng
+                    rng, *_interaction_templates(cats[i], cats[j])
                 )
     return pools
 
@@ -441,7 +462,9 @@ def _round_robin(lists: list[list[PromptItem]]) -> list[PromptItem]:
     return out
 
 
-def template_prompts(classes: Sequence[str], num_prompts: int = 30, seed: int = 0) -> list[PromptItem]:
+def template_prompts(
+    classes: Sequence[str], num_prompts: int = 30, seed: int = 0
+) -> list[PromptItem]:
     """Step 2 (paper), offline provider: class-aware, balanced action/interaction templates.
 
     Args:
@@ -546,9 +569,16 @@ def _lm_groups(n: int, targets: Mapping[Group, int]) -> list[Group]:
 
 
 def _conversation(
-    client: Completer, group: Group, phrases: Sequence[str], on_sentences: Callable[[list[str]], None]
-) -> None:
-    """Step 2's generate-then-filter conversation for one group (paper prompts)."""
+    client: Completer,
+    group: Group,
+    phrases: Sequence[str],
+    convert: Callable[[list[str]], list[PromptItem]],
+) -> tuple[list[PromptItem], ChatError | None]:
+    """Step 2's generate-then-filter conversation for one group (the paper's prompts).
+
+    Returns the usable items of the filter answer (or of the generate answer when the filter
+    step fails or leaves nothing usable) and the error that stopped it, if any.
+    """
     kind, subjects = group
     fills = {f"{{P{k}}}": phrases[s] for k, s in enumerate(subjects)}
 
@@ -562,16 +592,18 @@ def _conversation(
     else:
         ask = fill(LM_GENERATE_ACTION + _FORMAT_ONE)
     messages: list[dict[str, Any]] = [{"role": "user", "content": ask}]
-    draft = client.complete(messages, temperature=0.9, max_tokens=4096)
-    drafted = parse_list(draft)
-    on_sentences(drafted)  # kept even if the filter step fails
-    messages += [
-        {"role": "assistant", "content": draft},
-        {"role": "user", "content": LM_FILTER + _FORMAT_FILTER},
-    ]
-    kept = parse_list(client.complete(messages, temperature=0.2, max_tokens=2048))
-    if kept:
-        on_sentences(kept)
+    items: list[PromptItem] = []
+    try:
+        draft = client.complete(messages, temperature=0.9, max_tokens=4096)
+        items = convert(parse_list(draft))
+        messages += [
+            {"role": "assistant", "content": draft},
+            {"role": "user", "content": LM_FILTER + _FORMAT_FILTER},
+        ]
+        kept = convert(parse_list(client.complete(messages, temperature=0.2, max_tokens=2048)))
+    except ChatError as e:
+        return items, e
+    return (kept or items), None
 
 
 def lm_prompts(
@@ -584,50 +616,44 @@ def lm_prompts(
 ) -> list[PromptItem]:
     """Step 2 (paper) with an LM: generate-then-filter, parsed into balanced templates.
 
-    Failures (``ChatError`` after the client's retries, or a conversation with no usable
-    sentence) stop the LM work with one warning; the rest comes from the template provider.
+    One conversation per group that needs items (ordered pair for interactions, subject for
+    actions). Failures (``ChatError`` after the client's retries, or a conversation with no
+    usable sentence) stop the LM work with ONE warning; items already parsed are kept and the
+    rest comes from the template provider.
     """
     _check(classes, num_prompts)
     rng = random.Random(f"dynasyn-prompts-{seed}")
-    n = len(classes)
-    targets = _targets(n, num_prompts, rng)
+    targets = _targets(len(classes), num_prompts, rng)
     template_pools = _template_pools(classes, rng)
     lm_pools: dict[Group, list[str]] = {g: [] for g in targets}
     failure: str | None = None
 
-    for group in _lm_groups(n, targets):
-        found: dict[Group, list[str]] = {}
-        conv_items: list[PromptItem] = []
+    for group in _lm_groups(len(classes), targets):
 
-        def collect(sentences: list[str], group: Group = group, found=found, conv=conv_items) -> None:
-            # the filter answer replaces the draft: it is the paper's selection
-            found.clear()
-            conv.clear()
-            for sentence in sentences:
-                item = sentence_to_item(sentence, phrases, classes, group[1])
-                if item is None:
-                    continue
-                g: Group = (item.kind, tuple(item.subjects))
-                if item.template not in found.setdefault(g, []):
-                    found[g].append(item.template)
-                    conv.append(item)
+        def convert(sentences: list[str], group: Group = group) -> list[PromptItem]:
+            out = [sentence_to_item(s, phrases, classes, group[1]) for s in sentences]
+            return [it for it in out if it is not None]
 
-        try:
-            _conversation(client, group, phrases, collect)
-        except ChatError as e:
-            failure = str(e)
-        if not conv_items and failure is None:
-            failure = f"the {provider} answer for {group[0]} {list(group[1])} had no usable sentence"
-        for g, templates in found.items():
-            if g in lm_pools:
-                lm_pools[g].extend(t for t in templates if t not in lm_pools[g])
+        items, error = _conversation(client, group, phrases, convert)
+        for it in items:
+            pool = lm_pools.setdefault((it.kind, tuple(it.subjects)), [])
+            if it.template not in pool:
+                pool.append(it.template)
+        if error is not None:
+            failure = str(error)
+        elif not items:
+            failure = (
+                f"its answer for {group[0]} {list(group[1])} had no usable sentence naming "
+                + " and ".join(repr(phrases[s]) for s in group[1])
+            )
         if failure is not None:
             break
 
     if failure is not None:
         log.warning(
-            "prompt provider %r failed (%s); using the template provider for the remaining "
-            "prompts", provider, failure,
+            "prompt provider %r failed (%s); the template provider makes the remaining prompts",
+            provider,
+            failure,
         )
     for pool in lm_pools.values():
         rng.shuffle(pool)
@@ -690,7 +716,3 @@ def generate_prompts(
         return lm_prompts(client, classes, phrases, num_prompts, seed, "local")
     raise InputError(f"unknown prompt provider {provider!r}; use template, openai or local")
 
-
-@dataclass
-class _Unused:  # keep `field` import meaningful for future extensions without lint noise
-    _x: list[int] = field(default_factory=list)
