@@ -115,3 +115,24 @@ def test_personalize_trains_with_the_augmented_items(tiny_model, scene2, tmp_pat
     logs = [json.loads(x) for x in (run / "logs" / "losses.jsonl").read_text().splitlines()]
     assert all("aug" in r for r in logs)
     assert (run / "augmented" / "prompts.jsonl").is_file() and (run / "run.json").is_file()
+
+
+def test_two_processes_split_the_items(tiny_model, scene2, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    out = tmp_path / "aug"
+    worker = Path(__file__).with_name("mp_augment_worker.py")
+    r = subprocess.run([sys.executable, str(worker), str(tiny_model), str(scene2), str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = _check_dir(out, 2)
+    assert len(recs) == 4
+    a, b = (json.loads((out / f"proc{i}.json").read_text()) for i in (0, 1))
+    assert len(a) == len(b) == 2 and sorted(a + b) == sorted(r["template"] for r in recs)
+    # the same inputs in one process find every item cached (identical keys, no model work)
+    calls = []
+    monkeypatch.setattr(P, "render_item", lambda *a, **k: calls.append(1))
+    augment(scene2, out, AugmentConfig(model=str(tiny_model), num_prompts=4, draft_steps=2,
+                                       gsa_steps=4), progress=False)
+    assert calls == []
