@@ -228,7 +228,9 @@ def augment(scene_dir: str | Path, out: str | Path, cfg: AugmentConfig, client=N
     scene_img, scene_masks = _scene_arrays(scene, resolution)
     digest = hashlib.sha256(scene_img.tobytes() + np.stack(scene_masks).tobytes()).hexdigest()
     keys = [item_key(cfg, model_id, digest, it, phrases, classes) for it in items]
-    state = PartialState()
+    import torch
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes need cpu=True
     (out / "cache").mkdir(parents=True, exist_ok=True)
     models = _Models(cfg, state.device)
     mine = [j for j in range(len(items)) if j % state.num_processes == state.process_index]
