@@ -83,7 +83,8 @@ def _add_augment_args(p: argparse.ArgumentParser, with_model: bool = True) -> No
     p.add_argument("--aug-seed", type=int, default=0)
     p.add_argument("--sam-model", help="transformers SamModel directory (--segmenter sam)")
     p.add_argument("--inpaint-model", help="SD inpainting pipeline (--inpainter sd-inpaint)")
-    p.add_argument("--local-model", help="transformers model path (--provider/--describer local)")
+    p.add_argument("--local-model", help="transformers text model path (--provider local)")
+    p.add_argument("--local-vlm", help="transformers image-text-to-text model (--describer local)")
     p.add_argument("--chat-base-url", help="OpenAI-compatible base URL (env DYNASYN_CHAT_BASE_URL)")
     p.add_argument("--chat-model", help="chat model name (env DYNASYN_CHAT_MODEL)")
 
@@ -96,7 +97,7 @@ def _augment_config(args: argparse.Namespace, model: str | None):
         describer=args.describer, segmenter=args.segmenter, inpainter=args.inpainter,
         strength=args.strength, draft_steps=args.draft_steps, gsa_steps=args.gsa_steps,
         guidance=args.guidance, seed=args.aug_seed, sam_model=args.sam_model,
-        inpaint_model=args.inpaint_model, local_model=args.local_model,
+        inpaint_model=args.inpaint_model, local_model=args.local_model, local_vlm=args.local_vlm,
     ).validate()
 
 

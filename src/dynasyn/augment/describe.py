@@ -176,9 +176,8 @@ def describe_subjects(
         provider: ``"scene"`` (scene.json phrases, else class nouns), ``"openai"`` (a VLM behind
             an OpenAI-compatible endpoint) or ``"local"`` (a transformers image-text-to-text
             model directory). See the module docstring.
-        client: for ``"openai"`` (or ``"local"``): anything with ``ChatClient.complete``; for
-            ``"openai"`` a :class:`ChatClient` from the ``DYNASYN_CHAT_*`` environment when
-            ``None``.
+        client: for ``"openai"`` only (ignored otherwise): a :class:`ChatClient` or anything
+            with its ``complete``; built from the ``DYNASYN_CHAT_*`` environment when ``None``.
         local_model: for ``"local"``: the model directory.
 
     Returns:
@@ -194,10 +193,11 @@ def describe_subjects(
     if provider == "openai":
         client = client or ChatClient()
     elif provider == "local":
-        if client is None:
-            if not local_model:
-                raise InputError("the local describe provider needs --local-vlm PATH")
-            client = LocalChat(local_model, task="image-text-to-text")
+        if not local_model:
+            raise InputError(
+                "the local describe provider needs a model directory (--local-model PATH)"
+            )
+        client = LocalChat(local_model, task="image-text-to-text")
     else:
         raise InputError(f"unknown describe provider {provider!r}; use scene, openai or local")
     try:

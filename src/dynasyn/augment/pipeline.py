@@ -51,6 +51,7 @@ class AugmentConfig:
     sam_model: str | None = None
     inpaint_model: str | None = None
     local_model: str | None = None
+    local_vlm: str | None = None
 
     def validate(self) -> AugmentConfig:
         choices = {"provider": ("template", "openai", "local"),
@@ -82,7 +83,7 @@ def item_key(cfg: AugmentConfig, model_id: str, scene_digest: str, item, phrases
     payload = dict(asdict(cfg), model=model_id, scene=scene_digest, template=item.template,
                    subjects=list(item.subjects), phrases=[phrases[s] for s in item.subjects],
                    classes=[classes[s] for s in item.subjects], version=CACHE_VERSION)
-    for k in ("num_prompts", "provider", "describer", "local_model"):
+    for k in ("num_prompts", "provider", "describer", "local_model", "local_vlm"):
         payload.pop(k)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -221,7 +222,7 @@ def augment(scene_dir: str | Path, out: str | Path, cfg: AugmentConfig, client=N
     model_id = resolve_model(cfg.model)
     classes = scene.classes
     phrases = describe_subjects(scene, provider=cfg.describer, client=client,
-                                local_model=cfg.local_model)
+                                local_model=cfg.local_vlm)
     items = generate_prompts(classes, phrases, num_prompts=cfg.num_prompts, provider=cfg.provider,
                              seed=cfg.seed, client=client, local_model=cfg.local_model)
     resolution = cfg.resolution or _model_resolution(model_id)

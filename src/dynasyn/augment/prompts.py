@@ -500,6 +500,26 @@ def _name_re(name: str) -> re.Pattern[str]:
     )
 
 
+_STOP = frozenset({"a", "an", "the", "and", "or", "with", "in", "on", "of", "at", "to", "by",
+                   "for", "from"})
+
+
+def _names(phrase: str, class_noun: str) -> list[str]:
+    """How a subject may be named: its phrase, the phrase's word runs that end with a word of
+    the class noun ("toy panda" from "toy panda with a white belly"), and the class noun."""
+    out = [phrase] if _strip_article(phrase) else []
+    words = _strip_article(phrase).split()[:12]
+    head = {w.lower() for w in class_noun.split()}
+    for length in range(len(words) - 1, 0, -1):
+        for start in range(len(words) - length + 1):
+            run = words[start : start + length]
+            if run[-1].lower() in head and run[0].lower() not in _STOP:
+                out.append(" ".join(run))
+    if _strip_article(class_noun):
+        out.append(class_noun)
+    return list(dict.fromkeys(out))
+
+
 def sentence_to_item(
     sentence: str,
     phrases: Sequence[str],
@@ -509,34 +529,41 @@ def sentence_to_item(
     """Turn an LM sentence into a :class:`PromptItem`, or ``None`` when it must be dropped.
 
     Each subject is located by its noun phrase (case-insensitive; an "a"/"an"/"the" before it is
-    absorbed and written "the", "The" at the start of the sentence), else by its class noun.
-    Slots are numbered in order of appearance. The sentence is dropped when a subject of
-    ``required`` is missing, when any other subject is named, when a subject's name occurs
-    more than once, or when the text contains ``{``/``}`` or a placeholder already.
+    absorbed and written "the", "The" at the start of the sentence), else by the longest run of
+    the phrase's words that ends with its class noun ("toy panda"), else by its class noun; the
+    longest name of any subject is placed first. Slots are numbered in order of appearance.
+
+    The sentence is dropped when a subject of ``required`` is missing, when any other subject
+    is named, when a subject's name occurs more than once (also as its bare class noun
+    elsewhere), or when the text contains ``{``/``}`` or a placeholder already.
     """
     text = " ".join(sentence.split())
     if not text or "{" in text or "}" in text or "<asset" in text.lower():
         return None
     claimed: list[tuple[int, int]] = []
     spans: dict[int, re.Match[str]] = {}
-    names = {
-        s: [n for n in (phrases[s], classes[s]) if n and _strip_article(n)]
-        for s in range(len(phrases))
-    }
-    # longest names first so that "green bowl" wins over "bowl"
-    order = sorted(names, key=lambda s: -max((len(n) for n in names[s]), default=0))
-    for s in order:
-        for name in names[s]:
-            hits = [
-                m for m in _name_re(name).finditer(text)
-                if not any(m.start() < e and b < m.end() for b, e in claimed)
-            ]
-            if len(hits) > 1:
+    # every name of every subject, longest first: "green bowl" wins over "bowl"
+    names = sorted(
+        ((s, n) for s in range(len(phrases)) for n in _names(phrases[s], classes[s])),
+        key=lambda sn: -len(sn[1]),
+    )
+    for s, name in names:
+        if s in spans:
+            continue
+        hits = [
+            m for m in _name_re(name).finditer(text)
+            if not any(m.start() < e and b < m.end() for b, e in claimed)
+        ]
+        if len(hits) > 1:
+            return None
+        if hits:
+            spans[s] = hits[0]
+            claimed.append((hits[0].start(), hits[0].end()))
+    # a subject named a second time (e.g. by its class noun) would leak into the renderings
+    for s in range(len(classes)):
+        for m in _name_re(classes[s]).finditer(text) if _strip_article(classes[s]) else ():
+            if not any(b <= m.start("name") and m.end() <= e for b, e in claimed):
                 return None
-            if hits:
-                spans[s] = hits[0]
-                claimed.append((hits[0].start(), hits[0].end()))
-                break
     if set(spans) != set(required):
         return None
     ordered = sorted(spans.items(), key=lambda kv: kv[1].start())
@@ -686,8 +713,9 @@ def generate_prompts(
         provider: ``"template"`` (offline), ``"openai"`` (an OpenAI-compatible endpoint) or
             ``"local"`` (a transformers text-generation model directory).
         seed: makes the template provider, the balance draw and the LM item order reproducible.
-        client: for ``"openai"``: a :class:`~dynasyn.augment.chat.ChatClient` (or anything with
-            its ``complete``); built from the ``DYNASYN_CHAT_*`` environment when ``None``.
+        client: for ``"openai"`` only (ignored otherwise): a
+            :class:`~dynasyn.augment.chat.ChatClient` (or anything with its ``complete``);
+            built from the ``DYNASYN_CHAT_*`` environment when ``None``.
         local_model: for ``"local"``: the model directory.
 
     Returns:
@@ -709,10 +737,13 @@ def generate_prompts(
         return lm_prompts(client or ChatClient(), classes, phrases, num_prompts, seed, "openai")
     if provider == "local":
         _check(classes, num_prompts)
-        if client is None:
-            if not local_model:
-                raise InputError("the local prompt provider needs --local-model PATH")
-            client = LocalChat(local_model, task="text-generation")
-        return lm_prompts(client, classes, phrases, num_prompts, seed, "local")
+        if not local_model:
+            raise InputError(
+                "the local prompt provider needs a model directory (--local-model PATH)"
+            )
+        return lm_prompts(
+            LocalChat(local_model, task="text-generation"), classes, phrases, num_prompts, seed,
+            "local",
+        )
     raise InputError(f"unknown prompt provider {provider!r}; use template, openai or local")
 

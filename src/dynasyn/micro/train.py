@@ -33,16 +33,19 @@ models to ``--work``/<stage>/final; the last step writes the fp16 bundle
 (:func:`~dynasyn.micro.models.save_bundle`) into ``--out``: ``sd/`` (diffusers
 StableDiffusionPipeline) and ``clip/`` (transformers CLIPModel + tokenizer + image processor).
 
-Measured on the shared 2-core CPU (torch 2.13, fp32; ``--steps 8`` per stage after warm-up):
+Measured on the shared 2-core CPU (AMD EPYC, torch 2.13, fp32, 10 steps per stage, the
+first two left out; other jobs on the machine make single steps up to 5-10x slower, which
+``--minutes`` absorbs: a stage then stops early and anneals on time):
 
 =====  =====  ==========  ===============  ===========
 stage  batch  s / step    planned steps    time
 =====  =====  ==========  ===============  ===========
-vae    32     0.55        1,400            13 min
-clip   64     0.50        3,000            25 min
-unet   32     0.48        9,500            76 min
+vae    16     0.63        1,200            13 min
+clip   64     0.30        5,000            25 min
+unet   32     0.76        6,000            76 min
 =====  =====  ==========  ===============  ===========
 
+(vae at batch 32: 1.25 s/step; bf16 autocast and channels-last gave nothing on this CPU.)
 Total about 1 h 55 min including exports. The full CPU training (the command that built the
 bundled weights)::
 
@@ -140,9 +143,9 @@ class StagePlan:
 
 
 PLAN: dict[str, StagePlan] = {
-    "vae": StagePlan(batch=32, steps=1400, lr=1e-3, share=13.0, seed_base=0),
-    "clip": StagePlan(batch=64, steps=3000, lr=5e-4, share=25.0, seed_base=300_000_000),
-    "unet": StagePlan(batch=32, steps=9500, lr=5e-4, share=76.0, seed_base=600_000_000),
+    "vae": StagePlan(batch=16, steps=1200, lr=1e-3, share=13.0, seed_base=0),
+    "clip": StagePlan(batch=64, steps=5000, lr=5e-4, share=25.0, seed_base=300_000_000),
+    "unet": StagePlan(batch=32, steps=6000, lr=5e-4, share=76.0, seed_base=600_000_000),
 }
 """The planned ≤ 2 hour CPU run (see the module docstring for the measurements)."""
 
@@ -331,6 +334,10 @@ class Stage:
         self.work = work
         self.out = out
         self.ema: Ema | None = None
+        self.eval_samples = 1024
+        """Renders for the VAE's scaling factor (1/16 of them for its parse check)."""
+        self.preview_steps = 25
+        """DDIM steps of the preview grid after the ``unet`` stage (0: none)."""
 
     def trained(self) -> dict[str, torch.nn.Module]:
         """Modules whose weights are checkpointed."""
@@ -391,9 +398,9 @@ class VaeStage(Stage):
     @torch.no_grad()
     def export(self, final: Path) -> None:
         self.vae.eval()
-        sf = latent_scaling_factor(self.vae, self.device)
+        sf = latent_scaling_factor(self.vae, self.device, self.eval_samples)
         self.vae.register_to_config(scaling_factor=sf)
-        acc = vae_parse_accuracy(self.vae, self.device)
+        acc = vae_parse_accuracy(self.vae, self.device, max(4, self.eval_samples // 16))
         print(f"vae: latent scaling factor {sf:.4f}; held-out reconstructions parse back to "
               f"the right colour + class for {100 * acc:.1f} % of subjects", flush=True)
         self.vae.save_pretrained(final, safe_serialization=True)
@@ -466,8 +473,8 @@ class ClipStage(Stage):
         target = torch.arange(b, device=img.device)
         loss_i = F.cross_entropy(i2t, target)
         loss = (loss_i + F.cross_entropy(t2i, target)) / 2
-        acc = float((i2t.argmax(-1) == target).float().mean())
-        return loss, {"i2t_acc": acc, "scale": float(scale)}
+        acc = (i2t.argmax(-1) == target).float().mean().item()
+        return loss, {"i2t_acc": acc, "scale": scale.detach().item()}
 
     def export(self, final: Path) -> None:
         self.clip.save_pretrained(final, safe_serialization=True)
@@ -535,7 +542,8 @@ class UnetStage(Stage):
             self.ema.copy_to()
         self.unet.save_pretrained(final / "unet", safe_serialization=True)
         self.text_encoder.save_pretrained(final / "text_encoder", safe_serialization=True)
-        save_samples(self, final / "samples.png")
+        if self.preview_steps > 0:
+            save_samples(self, final / "samples.png", self.preview_steps)
 
 
 def load_trained_vae(work: Path, out: Path) -> Any:
@@ -634,16 +642,19 @@ def train_stage(
     seconds: float = math.inf,
     resume: bool = False,
     fresh: bool = False,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device | None = None,
     ckpt_minutes: float = 5.0,
     workers: int = 0,
     progress: bool = True,
+    eval_samples: int = 1024,
+    preview_steps: int = 25,
 ) -> StageResult:
     """Train one stage for ``steps`` (default: the plan) or ``seconds``, whichever ends first.
 
     Resumes from the stage's latest checkpoint with ``resume``; refuses to overwrite existing
     checkpoints unless ``resume`` or ``fresh``. Exports the fp32 result to ``work/name/final``.
     """
+    device = device or torch.device("cpu")
     plan = PLAN[name]
     steps = plan.steps if steps is None else steps
     batch = plan.batch if batch is None else batch
@@ -659,6 +670,7 @@ def train_stage(
         shutil.rmtree(sdir)
         existing = []
     stage = STAGE_CLASSES[name](batch, device, work, out)
+    stage.eval_samples, stage.preview_steps = eval_samples, preview_steps
     models = stage.trained()
     opt = torch.optim.AdamW(stage.param_groups(plan.lr), betas=(0.9, 0.999))
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -669,7 +681,8 @@ def train_stage(
             mod.load_state_dict({k: v.to(device) for k, v in weights[m].items()})
         if stage.ema is not None and "ema" in weights:
             stage.ema.shadow = {k: v.to(device) for k, v in weights["ema"].items()}
-        load_optimizer(opt, {k: v.to(device) for k, v in opt_tensors.items()}, state["optimizer"])
+        # (Optimizer.load_state_dict moves the state to the parameters' device itself)
+        load_optimizer(opt, opt_tensors, state["optimizer"])
         start, elapsed = int(state["step"]), float(state["elapsed"])
         if int(state.get("batch", batch)) != batch:
             print(f"warning: resuming {name} with batch {batch} (was {state['batch']})",
@@ -721,7 +734,7 @@ def train_stage(
             step += 1
             if stage.ema is not None:
                 stage.ema.update(step)
-            lv = float(loss)
+            lv = loss.item()
             avg = lv if avg is None else 0.98 * avg + 0.02 * lv
             bar.update(1)
             bar.set_postfix(loss=f"{avg:.4f}", **{k: f"{v:.3g}" for k, v in info.items()})
@@ -787,13 +800,16 @@ def train(
     batch: int | None = None,
     resume: bool = False,
     fresh: bool = False,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device | None = None,
     ckpt_minutes: float = 5.0,
     workers: int = 0,
     progress: bool = True,
+    eval_samples: int = 1024,
+    preview_steps: int = 25,
 ) -> dict[str, Path]:
     """Run ``stages`` in order (time budget shared by :attr:`StagePlan.share`), then write the
     bundle. Returns the written bundle directories."""
+    device = device or torch.device("cpu")
     total = math.inf if minutes is None else 60.0 * minutes
     used = 0.0
     for i, name in enumerate(stages):
@@ -801,7 +817,8 @@ def train(
         seconds = (total - used) * PLAN[name].share / rest if math.isfinite(total) else math.inf
         res = train_stage(name, work=work, out=out, steps=steps, batch=batch,
                           seconds=max(seconds, 0.0), resume=resume, fresh=fresh, device=device,
-                          ckpt_minutes=ckpt_minutes, workers=workers, progress=progress)
+                          ckpt_minutes=ckpt_minutes, workers=workers, progress=progress,
+                          eval_samples=eval_samples, preview_steps=preview_steps)
         used += res.elapsed
     written = export_bundle(work, out)
     for k, p in written.items():
@@ -829,10 +846,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=None,
                     help="total time budget of the stages run (default: none, planned steps)")
     ap.add_argument("--steps", type=int, default=None,
-                    help="steps per stage (default: the plan, vae %d / clip %d / unet %d)"
-                    % (PLAN["vae"].steps, PLAN["clip"].steps, PLAN["unet"].steps))
+                    help="steps per stage (default: the plan, vae {} / clip {} / unet {})".format(
+                        *(PLAN[s].steps for s in STAGES)))
     ap.add_argument("--batch", type=int, default=None,
-                    help="batch size of every stage run (default: vae 32 / clip 64 / unet 32)")
+                    help="batch size of every stage run (default: vae {} / clip {} / unet {})"
+                    .format(*(PLAN[s].batch for s in STAGES)))
     ap.add_argument("--out", type=Path, default=micro_weights_path(),
                     help="bundle directory (default: the package's micro/weights)")
     ap.add_argument("--work", type=Path, default=Path("runs/micro-train"),
@@ -845,6 +863,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt-minutes", type=float, default=5.0, help="checkpoint interval")
     ap.add_argument("--workers", type=int, default=None,
                     help="data loader processes (default: 0 on CPU, up to 8 with CUDA)")
+    ap.add_argument("--eval-samples", type=int, default=1024,
+                    help="renders for the VAE latent scaling factor (default 1024)")
+    ap.add_argument("--preview-steps", type=int, default=25,
+                    help="DDIM steps of the preview grid written after the unet stage (0: none)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     if args.resume and args.fresh:
@@ -868,7 +890,8 @@ def main(argv: list[str] | None = None) -> int:
           f"bundle {args.out}", flush=True)
     train(stages, work=args.work, out=args.out, minutes=args.minutes, steps=args.steps,
           batch=args.batch, resume=args.resume, fresh=args.fresh, device=device,
-          ckpt_minutes=args.ckpt_minutes, workers=workers, progress=not args.no_progress)
+          ckpt_minutes=args.ckpt_minutes, workers=workers, progress=not args.no_progress,
+          eval_samples=args.eval_samples, preview_steps=args.preview_steps)
     return 0
 
 

@@ -1,0 +1,145 @@
+"""The micro models: config sizes, the training script (smoke run, resume), the bundle, check.
+
+Parameter counts of the real configs (``dynasyn.micro.models``):
+
+- micro VAE (AutoencoderKL, blocks 32/64/64, 64x64x3 -> 16x16x4): 954,567
+- micro UNet (UNet2DConditionModel, blocks 64/128, cross-attention 48): 4,170,372
+- micro text encoder (CLIPTextModel, hidden 48, 4 layers, 49,408 tokens): 2,486,304
+- micro CLIP (CLIPModel, the same text tower + ViT 64/8, hidden 96, 4 layers): 2,968,033
+
+The smoke run trains every stage for 1 step at batch 2 into ``tmp_path`` (the real configs,
+so the smoke bundle has the real size).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from dynasyn.checkpoint import list_checkpoints
+from dynasyn.micro import check as micro_check
+from dynasyn.micro import train as micro_train
+from dynasyn.micro.models import (
+    MAX_TOKENS,
+    TEXT_HIDDEN,
+    bundle_bytes,
+    count_params,
+    estimate_bundle_bytes,
+    micro_clip,
+    micro_text_encoder,
+    micro_unet,
+    micro_vae,
+)
+
+MB = 1_000_000
+SMOKE = ["--steps", "1", "--batch", "2", "--no-progress", "--eval-samples", "32",
+         "--preview-steps", "0", "--device", "cpu"]
+
+
+def test_factories_have_the_documented_sizes() -> None:
+    with torch.device("meta"):
+        vae, unet, te, clip = micro_vae(), micro_unet(), micro_text_encoder(), micro_clip()
+    assert count_params(vae) == 954_567
+    assert count_params(unet) == 4_170_372
+    assert count_params(te) == 2_486_304
+    assert count_params(clip) == 2_968_033
+    assert vae.config.block_out_channels == (32, 64, 64)
+    assert unet.config.sample_size == 16 and unet.config.block_out_channels == (64, 128)
+    assert unet.config.cross_attention_dim == TEXT_HIDDEN == te.config.hidden_size
+    assert te.config.vocab_size == 49408 and te.config.max_position_embeddings == MAX_TOKENS
+    # the text tower of micro CLIP is the text encoder's config, so it can initialize it
+    t = clip.config.text_config.to_dict()
+    e = te.config.to_dict()
+    for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+              "intermediate_size", "max_position_embeddings", "eos_token_id"):
+        assert t[k] == e[k], k
+
+
+def test_bundle_estimate_fits_25_mb() -> None:
+    sizes = estimate_bundle_bytes()
+    assert sizes["total"] <= 25 * MB, sizes
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(work, out) of a 1-step-per-stage training run."""
+    root = tmp_path_factory.mktemp("micro")
+    work, out = root / "work", root / "out"
+    assert micro_train.main([*SMOKE, "--work", str(work), "--out", str(out)]) == 0
+    return work, out
+
+
+def test_smoke_bundle_loads_and_samples(smoke: tuple[Path, Path]) -> None:
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPModel, CLIPProcessor
+
+    work, out = smoke
+    for stage in micro_train.STAGES:
+        assert json.loads((work / stage / "final" / "done.json").read_text())["step"] == 1
+    # stock loaders, no dtype given: fp16 files, fp32 models
+    pipe = StableDiffusionPipeline.from_pretrained(out / "sd")
+    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float32
+    assert pipe.tokenizer.model_max_length == MAX_TOKENS and len(pipe.tokenizer) == 49408
+    assert pipe.vae.config.scaling_factor != 1.0  # measured from the latents
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe("a red striped star is jumping", num_inference_steps=2,
+               generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+    with safe_open(str(out / "sd" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+
+    clip = CLIPModel.from_pretrained(out / "clip")
+    assert clip.dtype == torch.float32
+    proc = CLIPProcessor.from_pretrained(out / "clip")
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[10:30, 20:40] = (220, 40, 40)
+    batch = proc(images=[image], text=["a red cube"], return_tensors="pt")
+    ours = micro_train.clip_pixels(micro_train.images_to_tensor([image]))
+    assert torch.allclose(batch["pixel_values"], ours, atol=1e-5)
+    with torch.no_grad():
+        out_ = clip(**batch)
+    assert out_.logits_per_image.shape == (1, 1)
+    assert bundle_bytes(out) <= 25 * MB
+
+
+def test_resume_continues_the_step_count(
+    smoke: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    work, out = smoke
+    args = [*SMOKE, "--stage", "vae", "--work", str(work), "--out", str(out)]
+    with pytest.raises(SystemExit, match="--resume"):
+        micro_train.main(args)  # refuses to overwrite an earlier run's checkpoints
+    args[args.index("--steps") + 1] = "2"
+    assert micro_train.main([*args, "--resume"]) == 0
+    assert "(step 1," in capsys.readouterr().out
+    assert list_checkpoints(work / "vae" / "checkpoints")[-1].name == "step-0000002"
+    assert json.loads((work / "vae" / "final" / "done.json").read_text())["step"] == 2
+
+
+def test_batches_are_deterministic_with_hard_negatives() -> None:
+    tok = micro_train.micro_tokenizer()
+    ds = micro_train.ClipBatches(4, tok)
+    a, b = ds[7], ds[7]
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixels"], b["pixels"])
+    assert a["input_ids"].shape[0] > 4  # hard negatives after the 4 captions
+    assert not a["i2t_mask"].diagonal().any()
+    seeds = micro_train.batch_seeds("unet", 10**6, 32)
+    assert max(seeds) < micro_train.TRAIN_SEED_LIMIT <= micro_check.HELDOUT_SEED
+
+
+def test_check_runs_on_the_smoke_bundle(
+    smoke: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, out = smoke
+    res = micro_check.run_check(n=4, weights=out, steps=2, progress=False)
+    assert set(res.clip) == set(micro_check.ATTRIBUTES)
+    assert 0.0 <= res.sd["clip_overall"] <= 1.0
+    assert res.renders["parser_class_colour"] >= 0.75  # ground truth parses
+    assert micro_check.main(["--n", "2", "--steps", "1", "--weights", str(out),
+                             "--clip-only"]) == 0
+    assert "micro CLIP" in capsys.readouterr().out
