@@ -48,8 +48,12 @@ def _rss_mb() -> float:
 def save_sd21_shaped(path: Path) -> Path:
     """SD 2.1's UNet layout at quarter width, with a small CLIP text encoder (random weights)."""
     import torch
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from dynasyn.bpe import clip_tokenizer
