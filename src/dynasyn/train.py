@@ -398,17 +398,25 @@ class Trainer:
                 f"training stopped and {kept}; lower the learning rate and --resume"
             )
 
-    def _reduce_grads(self) -> None:
+    def _reduce_grads(self, bucket: int = 2**25) -> None:
+        """Average gradients over processes, in buckets of ~``bucket`` elements."""
         if self.acc.num_processes == 1:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        flat = self.acc.reduce(flat, reduction="mean")
-        offset = 0
-        for p, g in zip(self.params, grads, strict=True):
-            n = g.numel()
-            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
-            offset += n
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        i = 0
+        while i < len(self.params):
+            group, n = [], 0
+            while i < len(self.params) and (not group or n + self.params[i].numel() <= bucket):
+                group.append(self.params[i])
+                n += self.params[i].numel()
+                i += 1
+            flat = self.acc.reduce(torch.cat([p.grad.reshape(-1) for p in group]), reduction="mean")
+            offset = 0
+            for p in group:
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
 
     def _apply_step(self) -> None:
         emb = self.embedding
