@@ -142,3 +142,23 @@ def test_help_shows_an_example(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "examples:" in out and "dynasyn train" in out and "break-a-scene" in out
+
+
+def test_demo_runs_end_to_end_on_a_given_model(tiny_model, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", str(tiny_model), "--out", str(out), "--steps", "1", "-n", "1",
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "demo_grid.png" in printed
+    grid = Image.open(out / "demo_grid.png")
+    assert grid.size[1] == 9 * (128 + 4)  # the reference scene + 8 prompts, one row each
+    assert (out / "run" / "run.json").is_file() and (out / "augmented" / "prompts.jsonl").is_file()
+
+
+def test_demo_without_the_micro_model_says_how_to_build_it(tmp_path, capsys, monkeypatch):
+    import dynasyn.models as M
+
+    monkeypatch.setattr(M, "micro_model_path", lambda: tmp_path / "nowhere")
+    assert main(["demo", "--out", str(tmp_path / "d")]) == 2
+    assert "python -m dynasyn.micro.train" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -70,8 +70,9 @@ def _add_augment_args(p: argparse.ArgumentParser, with_model: bool = True) -> No
     if with_model:
         p.add_argument("--model", default="micro", help="diffusers SD pipeline (default micro)")
     p.add_argument("--num-prompts", type=int, default=30, help="augmented items (paper: 30)")
-    p.add_argument("--provider", default="template", choices=["template", "openai", "local"],
-                   help="prompt generator (Step 2)")
+    p.add_argument("--provider", default="template",
+                   choices=["template", "micro", "openai", "local"],
+                   help="prompt generator (Step 2); micro = the micro world's grammar")
     p.add_argument("--describer", default="scene", choices=["scene", "openai", "local"],
                    help="noun phrases (Step 1): scene.json, a chat endpoint, or a local model")
     p.add_argument("--segmenter", default="attention", choices=["attention", "sam"])
@@ -129,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=PERSONALIZE_EXAMPLES, formatter_class=fmt)
     _add_train_args(pz)
     _add_augment_args(pz, with_model=False)
+    d = sub.add_parser("demo", help="the whole method on the bundled micro model (offline)",
+                       epilog="examples:\n  dynasyn demo\n  dynasyn demo --out /tmp/demo --overwrite",
+                       formatter_class=fmt)
+    d.add_argument("--out", default="dynasyn-demo", help="output directory (default dynasyn-demo)")
+    d.add_argument("--model", default="micro", help=argparse.SUPPRESS)
+    d.add_argument("--steps", type=int, help="steps per phase (default 100)")
+    d.add_argument("-n", "--num-images", type=int, default=2)
+    d.add_argument("--overwrite", action="store_true")
+    d.add_argument("--no-progress", action="store_true")
     g = sub.add_parser("generate", help="render prompts with a trained run",
                        epilog=GENERATE_EXAMPLES, formatter_class=fmt)
     g.add_argument("run", help="run directory written by `dynasyn train`")
@@ -231,7 +241,15 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     return cmd_train(args, allow_existing=True)
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "augment": cmd_augment,
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dynasyn.demo import run_demo
+
+    run_demo(args.out, model=args.model, n=args.num_images, steps=args.steps,
+             overwrite=args.overwrite, progress=not args.no_progress)
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "generate": cmd_generate, "augment": cmd_augment,
             "personalize": cmd_personalize}
 
 

@@ -85,7 +85,8 @@ def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.I
     return grid
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """File-name form of a prompt."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"
 
 
@@ -112,10 +113,10 @@ def generate_images(
             im = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
                       negative_prompt=negative_prompt, generator=g).images[0]
             images.append(im)
-            p = out / f"{_slug(prompt)}_{seed + j}.png"
+            p = out / f"{slug(prompt)}_{seed + j}.png"
             _save_png(im, p)
             written.append(p)
-        grid = out / f"{_slug(prompt)}_grid.png"
+        grid = out / f"{slug(prompt)}_grid.png"
         _save_png(make_grid(images), grid)
         written.append(grid)
     del device

@@ -54,7 +54,7 @@ class AugmentConfig:
     local_vlm: str | None = None
 
     def validate(self) -> AugmentConfig:
-        choices = {"provider": ("template", "openai", "local"),
+        choices = {"provider": ("template", "micro", "openai", "local"),
                    "describer": ("scene", "openai", "local"),
                    "segmenter": ("attention", "sam"),
                    "inpainter": ("diffusion", "cv2", "sd-inpaint")}

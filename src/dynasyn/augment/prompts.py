@@ -732,6 +732,10 @@ def generate_prompts(
     phrases = [_strip_article(p) or c for p, c in zip(phrases, classes, strict=True)]
     if provider == "template":
         return template_prompts(classes, num_prompts, seed)
+    if provider == "micro":
+        from dynasyn.micro.prompts import micro_prompts
+
+        return micro_prompts(classes, num_prompts, seed)
     if provider == "openai":
         _check(classes, num_prompts)
         return lm_prompts(client or ChatClient(), classes, phrases, num_prompts, seed, "openai")
@@ -745,5 +749,5 @@ def generate_prompts(
             LocalChat(local_model, task="text-generation"), classes, phrases, num_prompts, seed,
             "local",
         )
-    raise InputError(f"unknown prompt provider {provider!r}; use template, openai or local")
+    raise InputError(f"unknown prompt provider {provider!r}; use template, micro, openai or local")
 
