@@ -13,19 +13,19 @@ Sizes (parameters; bytes as stored in fp16):
 model                       shape                                           params      fp16
 ==========================  ==============================================  ==========  =======
 :func:`micro_vae`           64x64x3 -> 16x16x4, blocks (32, 64, 64), 1 layer   954,567    1.9 MB
-:func:`micro_unet`          16x16 latents, blocks (64, 128), cross-attn in  4,181,636    8.4 MB
+:func:`micro_unet`          16x16 latents, blocks (64, 128), cross-attn in  4,170,372    8.3 MB
                             both (4 heads), cross_attention_dim 48
-:func:`micro_text_encoder`  hidden 48, 4 layers, 4 heads, 32 positions,     2,485,968    5.0 MB
+:func:`micro_text_encoder`  hidden 48, 4 layers, 4 heads, 32 positions,     2,486,304    5.0 MB
                             49,408 tokens (95 % of it the token table)
 :func:`micro_clip`          text tower = the text encoder's config; vision  2,968,033    5.9 MB
                             64x64, patch 8, hidden 96, 4 layers; proj 64
 tokenizer (x2)              ``vocab.json`` + ``merges.txt``                                 1.4 MB
 ==========================  ==============================================  ==========  =======
 
-Bundle total about 24 MB (:func:`estimate_bundle_bytes`; issue 4 allows 25 MB). The text width
-is 48, not the 64 DESIGN.md started from: with 64, the two copies of the 49,408-row token table
-(SD's text encoder and CLIP's text tower; stock ``from_pretrained`` needs each directory to be
-complete) plus the UNet would pass 25 MB.
+Bundle total 24.0 MB (:func:`estimate_bundle_bytes`, and measured; issue 4 allows 25 MB).
+The text width is 48, not the 64 DESIGN.md started from: with 64, the two copies of the
+49,408-row token table (SD's text encoder and CLIP's text tower; stock ``from_pretrained``
+needs each directory to be complete) plus the UNet would pass 25 MB.
 
 The bundle (:func:`save_bundle`) stores every floating tensor in fp16 while the configs say
 float32, so stock ``StableDiffusionPipeline.from_pretrained(path)`` and
@@ -147,7 +147,7 @@ def micro_vae() -> AutoencoderKL:
 def micro_unet() -> UNet2DConditionModel:
     """UNet2DConditionModel on 16x16x4 latents: blocks (64, 128) with cross-attention in both
     (and in the mid block), 4 heads, ``cross_attention_dim`` = :data:`TEXT_HIDDEN`
-    (4,181,636 params)."""
+    (4,170,372 params)."""
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE,
         in_channels=4,
@@ -182,7 +182,7 @@ def micro_text_config() -> CLIPTextConfig:
 
 
 def micro_text_encoder() -> CLIPTextModel:
-    """CLIPTextModel of :func:`micro_text_config` (2,485,968 params)."""
+    """CLIPTextModel of :func:`micro_text_config` (2,486,304 params)."""
     return CLIPTextModel(micro_text_config())
 
 
@@ -346,7 +346,13 @@ def _to_fp16_files(root: Path) -> None:
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished ``tmp`` to ``final``, replacing any previous content atomically."""
+    """Move the finished ``tmp`` to ``final``, replacing any previous content.
+
+    Two renames: a reader sees the old directory, none, or the new one — never half of one.
+    """
+    tmp.chmod(0o755)
+    for f in tmp.rglob("*"):
+        f.chmod(0o755 if f.is_dir() else 0o644)
     old = final.with_name(f".old-{final.name}-{os.getpid()}")
     if final.exists():
         final.rename(old)
@@ -366,9 +372,10 @@ def save_bundle(
 ) -> dict[str, Path]:
     """Write the bundle under ``out``: ``sd/`` (all four SD parts given) and/or ``clip/``.
 
-    Each directory is written under a temporary name and renamed into place when complete, so a
-    reader never sees half a bundle. Floating weights are stored in fp16, configs stay float32
-    (stock ``from_pretrained`` gives fp32 models). Returns the written directories by name.
+    Each directory is written under a temporary name and renamed into place when complete
+    (:func:`_replace_dir`), so a reader never sees half a bundle. Floating weights are stored
+    in fp16, configs stay float32 (stock ``from_pretrained`` gives fp32 models). Returns the
+    written directories by name.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,9 @@
 Three stages, run in this order by ``--stage all`` (the default):
 
 1. ``vae`` — the AutoencoderKL (:func:`~dynasyn.micro.models.micro_vae`) on world renders:
-   L1 + MSE + L1 of image gradients (keeps the flat colours' edges sharp without a perceptual
-   network) + a small KL term (weight 1e-5 on the per-element KL), fp32. At the end the latent
+   L1 + MSE (subject pixels, from the renders' masks, weigh 5x) + L1 of image gradients
+   (keeps the flat colours' edges sharp without a perceptual network) + a small KL term
+   (weight 1e-5 on the per-element KL), fp32. At the end the latent
    scaling factor (1 / std of posterior samples of 1,024 renders) goes into the VAE config, as
    SD's ``scaling_factor``, and reconstructions of held-out renders are read back by the parser
    (colour + class of every subject) as a sanity number.
@@ -33,29 +34,33 @@ models to ``--work``/<stage>/final; the last step writes the fp16 bundle
 (:func:`~dynasyn.micro.models.save_bundle`) into ``--out``: ``sd/`` (diffusers
 StableDiffusionPipeline) and ``clip/`` (transformers CLIPModel + tokenizer + image processor).
 
-Measured on the shared 2-core CPU (AMD EPYC, torch 2.13, fp32, 10 steps per stage, the
-first two left out; other jobs on the machine make single steps up to 5-10x slower, which
-``--minutes`` absorbs: a stage then stops early and anneals on time):
+Measured on the shared 2-core CPU (AMD EPYC, torch 2.13, fp32; 12 steps per stage with the
+first two left out, while the machine was quiet — other jobs on it made single steps 3-10x
+slower at times, which ``--minutes`` absorbs: a stage then stops early and anneals on time).
+The training loop (data, EMA, logging, checkpoints) adds about 5 %:
 
 =====  =====  ==========  ===============  ===========
 stage  batch  s / step    planned steps    time
 =====  =====  ==========  ===============  ===========
-vae    16     0.63        1,200            13 min
-clip   64     0.30        5,000            25 min
-unet   32     0.76        6,000            76 min
+vae    16     0.59        1,200            12 min
+clip   64     0.29        5,000            24 min
+unet   32     0.75        5,800            77 min
 =====  =====  ==========  ===============  ===========
 
 (vae at batch 32: 1.25 s/step; bf16 autocast and channels-last gave nothing on this CPU.)
-Total about 1 h 55 min including exports. The full CPU training (the command that built the
-bundled weights)::
+Total 113 min of training plus about a minute of exports. The full CPU training, the
+command that builds the bundled weights (``src/dynasyn/micro/weights/``)::
 
     python -m dynasyn.micro.train --stage all --minutes 115 --device cpu
 
-A killed run continues with the same command plus ``--resume``. On a GPU (``--device cuda``)
-the step counts are the same by default (minutes instead of hours); more steps, e.g.
-``--steps 20000``, give a better model. ``--minutes`` is the total budget of the stages run,
-shared in proportion to the planned times; a stage stops at its step count or its share of
-the time, whichever comes first.
+A killed run continues with the same command plus ``--resume`` (Ctrl-C writes a checkpoint
+first). ``--minutes`` is the total budget of the stages run, shared in proportion to the
+planned times (time a stage leaves unused goes to the next ones); a stage stops at its step
+count or its share of the time, whichever comes first. On a GPU (``--device cuda``; not
+measured here) the planned steps take minutes; more steps (``--steps N`` for every stage, or
+one ``--stage`` at a time) give better models. Quick look at the result:
+``python -m dynasyn.micro.check`` (the quality gates) and ``runs/micro-train/unet/final/
+samples.png`` (a preview grid).
 """
 
 from __future__ import annotations
@@ -92,6 +97,7 @@ from dynasyn.micro.models import (
     text_encoder_from_clip,
 )
 from dynasyn.micro.world import (
+    Identity,
     SceneSpec,
     caption_for,
     distractor,
@@ -143,9 +149,9 @@ class StagePlan:
 
 
 PLAN: dict[str, StagePlan] = {
-    "vae": StagePlan(batch=16, steps=1200, lr=1e-3, share=13.0, seed_base=0),
-    "clip": StagePlan(batch=64, steps=5000, lr=5e-4, share=25.0, seed_base=300_000_000),
-    "unet": StagePlan(batch=32, steps=6000, lr=5e-4, share=76.0, seed_base=600_000_000),
+    "vae": StagePlan(batch=16, steps=1200, lr=1e-3, share=12.0, seed_base=0),
+    "clip": StagePlan(batch=64, steps=5000, lr=5e-4, share=24.0, seed_base=300_000_000),
+    "unet": StagePlan(batch=32, steps=5800, lr=5e-4, share=77.0, seed_base=600_000_000),
 }
 """The planned ≤ 2 hour CPU run (see the module docstring for the measurements)."""
 
@@ -160,6 +166,10 @@ MIN_SNR_GAMMA = 5.0
 
 VAE_KL_WEIGHT = 1e-5
 """Weight of the per-element KL term of the ``vae`` stage."""
+
+VAE_SUBJECT_WEIGHT = 4.0
+"""Extra reconstruction weight of subject pixels (the renders' masks): subjects cover a small
+part of the image but carry everything the captions say (colour, pattern, class)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,7 +199,8 @@ def clip_pixels(images: torch.Tensor) -> torch.Tensor:
 
 
 class VaeBatches(Dataset):
-    """Batch ``step``: ``{"pixels": (B, 3, 64, 64) in [-1, 1]}``."""
+    """Batch ``step``: ``pixels`` (B, 3, 64, 64) in [-1, 1] and the per-pixel loss ``weight``
+    (B, 1, 64, 64): 1 on the background, 1 + :data:`VAE_SUBJECT_WEIGHT` on subjects."""
 
     def __init__(self, batch: int) -> None:
         self.batch = batch
@@ -198,8 +209,10 @@ class VaeBatches(Dataset):
         return 2**31 - 1
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
-        seeds = batch_seeds("vae", step, self.batch)
-        return {"pixels": images_to_tensor([sample_render(s).image for s in seeds])}
+        renders = [sample_render(s) for s in batch_seeds("vae", step, self.batch)]
+        fg = np.stack([np.any(np.stack(r.masks), axis=0) for r in renders])
+        weight = 1.0 + VAE_SUBJECT_WEIGHT * torch.from_numpy(fg).float()[:, None]
+        return {"pixels": images_to_tensor([r.image for r in renders]), "weight": weight}
 
 
 def _caption_mode(seed: int) -> str:
@@ -209,19 +222,20 @@ def _caption_mode(seed: int) -> str:
 
 def hard_negatives(spec: SceneSpec, mode: str, rng: np.random.Generator) -> list[str]:
     """Captions (in ``mode``) differing from ``spec``'s in one attribute, plus the colour swap
-    of a pair; duplicates of the true caption are left out."""
+    of a pair; duplicates of the true caption and differences the render cannot show (colour
+    in grayscale, pattern in grayscale or sketch) are left out."""
     true = caption_for(spec, mode)
+    hidden = {"grayscale": {"colour", "pattern"}, "sketch": {"pattern"}}.get(spec.background, set())
     out: list[str] = []
     for attr in NEGATIVE_ATTRIBUTES:
+        if attr in hidden:
+            continue
         d = distractor(spec, attr, rng)
         if d is not None:
             out.append(caption_for(d, mode))
-    if len(spec.subjects) == 2 and mode != "class":
+    if len(spec.subjects) == 2 and mode != "class" and "colour" not in hidden:
         a, b = spec.subjects
-        swapped = (
-            type(a)(a.shape, b.colour, a.pattern),
-            type(b)(b.shape, a.colour, b.pattern),
-        )
+        swapped = (Identity(a.shape, b.colour, a.pattern), Identity(b.shape, a.colour, b.pattern))
         out.append(caption_for(SceneSpec(swapped, spec.action, spec.relation, spec.background),
                                mode))
     return [c for c in dict.fromkeys(out) if c != true]
@@ -384,11 +398,12 @@ class VaeStage(Stage):
     def loss(
         self, batch: dict[str, torch.Tensor], gen: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        x = batch["pixels"]
+        x, w = batch["pixels"], batch["weight"]
+        w = w / w.mean()
         post = self.vae.encode(x).latent_dist
         rec = self.vae.decode(post.sample(generator=gen)).sample
-        l1 = (rec - x).abs().mean()
-        mse = F.mse_loss(rec, x)
+        l1 = (w * (rec - x).abs()).mean()
+        mse = (w * (rec - x) ** 2).mean()
         gx = ((rec[..., 1:] - rec[..., :-1]) - (x[..., 1:] - x[..., :-1])).abs().mean()
         gy = ((rec[..., 1:, :] - rec[..., :-1, :]) - (x[..., 1:, :] - x[..., :-1, :])).abs().mean()
         kl = post.kl().mean() / post.mean[0].numel()
@@ -542,6 +557,7 @@ class UnetStage(Stage):
             self.ema.copy_to()
         self.unet.save_pretrained(final / "unet", safe_serialization=True)
         self.text_encoder.save_pretrained(final / "text_encoder", safe_serialization=True)
+        self.vae.save_pretrained(final / "vae", safe_serialization=True)  # the one it learned on
         if self.preview_steps > 0:
             save_samples(self, final / "samples.png", self.preview_steps)
 
@@ -702,6 +718,8 @@ def train_stage(
     for mod in models.values():
         mod.train()
     step = start
+    if step < steps and elapsed >= seconds:
+        print(f"{name}: time budget spent ({elapsed / 60:.1f} min) at step {step}", flush=True)
     if step < steps and elapsed < seconds:
         sdir.mkdir(parents=True, exist_ok=True)
         log = (sdir / "log.jsonl").open("a")
@@ -711,41 +729,51 @@ def train_stage(
         e_run = elapsed
         last_ckpt = t_run
         avg: float | None = None
-        for batch_data in _batches(stage.dataset(), start, steps, workers,
-                                   device.type == "cuda"):
-            elapsed = e_run + time.monotonic() - t_run
-            if elapsed >= seconds:
-                break
-            frac = max(step / steps, elapsed / seconds if math.isfinite(seconds) else 0.0)
-            f = lr_factor(step, frac, warmup)
-            for g, lr in zip(opt.param_groups, base_lrs, strict=True):
-                g["lr"] = lr * f
-            data = {k: v.to(device, non_blocking=True) for k, v in batch_data.items()}
-            gen = torch.Generator(device=device).manual_seed(plan.seed_base + step)
-            loss, info = stage.loss(data, gen)
-            if not torch.isfinite(loss):
-                raise SystemExit(f"{name}: non-finite loss at step {step}; last checkpoint kept")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in opt.param_groups for p in g["params"]], 1.0
-            )
-            opt.step()
-            step += 1
-            if stage.ema is not None:
-                stage.ema.update(step)
-            lv = loss.item()
-            avg = lv if avg is None else 0.98 * avg + 0.02 * lv
-            bar.update(1)
-            bar.set_postfix(loss=f"{avg:.4f}", **{k: f"{v:.3g}" for k, v in info.items()})
-            if step % 10 == 0 or step == steps:
-                log.write(json.dumps({"step": step, "loss": lv, "lr": opt.param_groups[0]["lr"],
-                                      "elapsed": round(elapsed, 1), **info}) + "\n")
-                log.flush()
-            if time.monotonic() - last_ckpt >= 60 * ckpt_minutes:
+        batches = _batches(stage.dataset(), start, steps, workers, device.type == "cuda")
+        try:
+            for batch_data in batches:
                 elapsed = e_run + time.monotonic() - t_run
-                checkpoint(step)
-                last_ckpt = time.monotonic()
+                if elapsed >= seconds:
+                    break
+                frac = max(step / steps, elapsed / seconds if math.isfinite(seconds) else 0.0)
+                f = lr_factor(step, frac, warmup)
+                for g, lr in zip(opt.param_groups, base_lrs, strict=True):
+                    g["lr"] = lr * f
+                data = {k: v.to(device, non_blocking=True) for k, v in batch_data.items()}
+                gen = torch.Generator(device=device).manual_seed(plan.seed_base + step)
+                loss, info = stage.loss(data, gen)
+                if not torch.isfinite(loss):
+                    raise SystemExit(
+                        f"{name}: non-finite loss at step {step}; last checkpoint kept"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in opt.param_groups for p in g["params"]], 1.0
+                )
+                opt.step()
+                step += 1
+                if stage.ema is not None:
+                    stage.ema.update(step)
+                lv = loss.item()
+                avg = lv if avg is None else 0.98 * avg + 0.02 * lv
+                bar.update(1)
+                bar.set_postfix(loss=f"{avg:.4f}", **{k: f"{v:.3g}" for k, v in info.items()})
+                if step % 10 == 0 or step == steps:
+                    log.write(json.dumps({"step": step, "loss": lv, "lr": opt.param_groups[0]["lr"],
+                                          "elapsed": round(elapsed, 1), **info}) + "\n")
+                    log.flush()
+                if time.monotonic() - last_ckpt >= 60 * ckpt_minutes:
+                    elapsed = e_run + time.monotonic() - t_run
+                    checkpoint(step)
+                    last_ckpt = time.monotonic()
+        except KeyboardInterrupt:
+            bar.close()
+            elapsed = e_run + time.monotonic() - t_run
+            checkpoint(step)
+            print(f"\n{name}: interrupted at step {step}; checkpoint written, continue with "
+                  "--resume", file=sys.stderr, flush=True)
+            raise
         elapsed = e_run + time.monotonic() - t_run
         bar.close()
         log.close()
@@ -768,16 +796,16 @@ def train_stage(
 def export_bundle(work: Path, out: Path) -> dict[str, Path]:
     """Write the fp16 bundle into ``out`` from the finished stages under ``work``.
 
-    ``sd/`` when the ``unet`` stage has finished (its VAE from ``work/vae/final`` or the
-    existing bundle), ``clip/`` when the ``clip`` stage has.
+    ``sd/`` when the ``unet`` stage has finished (with the VAE it was trained on, even if the
+    ``vae`` stage ran again since), ``clip/`` when the ``clip`` stage has.
     """
-    from diffusers import UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPModel, CLIPTextModel
 
     parts: dict[str, Any] = {}
     unet_final = work / "unet" / "final"
     if (unet_final / "unet" / "config.json").exists():
-        parts["vae"] = load_trained_vae(work, out)
+        parts["vae"] = AutoencoderKL.from_pretrained(unet_final / "vae").float()
         parts["unet"] = UNet2DConditionModel.from_pretrained(unet_final / "unet").float()
         parts["text_encoder"] = CLIPTextModel.from_pretrained(
             unet_final / "text_encoder", dtype=torch.float32
@@ -888,10 +916,13 @@ def main(argv: list[str] | None = None) -> int:
     stages = STAGES if args.stage == "all" else (args.stage,)
     print(f"micro training: stages {', '.join(stages)} on {device}; work {args.work}, "
           f"bundle {args.out}", flush=True)
-    train(stages, work=args.work, out=args.out, minutes=args.minutes, steps=args.steps,
-          batch=args.batch, resume=args.resume, fresh=args.fresh, device=device,
-          ckpt_minutes=args.ckpt_minutes, workers=workers, progress=not args.no_progress,
-          eval_samples=args.eval_samples, preview_steps=args.preview_steps)
+    try:
+        train(stages, work=args.work, out=args.out, minutes=args.minutes, steps=args.steps,
+              batch=args.batch, resume=args.resume, fresh=args.fresh, device=device,
+              ckpt_minutes=args.ckpt_minutes, workers=workers, progress=not args.no_progress,
+              eval_samples=args.eval_samples, preview_steps=args.preview_steps)
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 
