@@ -88,22 +88,12 @@ def make_inputs(root: Path, n_subjects: int = 2, size: int = 256) -> tuple[Path,
     from PIL import Image
 
     from dynasyn.augment.data import write_item
-    from dynasyn.scene import save_scene
+    from dynasyn.tiny import synthetic_scene
 
     rng = np.random.default_rng(0)
-    img = np.full((size, size, 3), 120, np.uint8)
-    masks = []
-    cols = int(np.ceil(np.sqrt(n_subjects)))
-    cell = size // cols
-    for i in range(n_subjects):
-        r, c = divmod(i, cols)
-        m = np.zeros((size, size), np.float32)
-        m[r * cell + 4 : (r + 1) * cell - 4, c * cell + 4 : (c + 1) * cell - 4] = 1
-        img[m > 0] = rng.integers(0, 255, 3)
-        masks.append(m)
     classes = ["panda", "bowl", "ball", "cat", "dog", "cup"][:n_subjects]
-    scene = save_scene(root / f"scene{n_subjects}", Image.fromarray(img), masks, classes,
-                       overwrite=True)
+    scene = synthetic_scene(root / f"scene{n_subjects}", n_subjects, size, classes, margin=4)
+    masks = [np.asarray(Image.open(scene / f"mask{i}.png")) > 127 for i in range(n_subjects)]
     aug = root / f"aug{n_subjects}"
     if not (aug / "prompts.jsonl").exists():
         for j, (tpl, subj) in enumerate([("{0} is throwing the {1}", [0, 1]),

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from dynasyn.models import quiet_libraries
-from dynasyn.scene import save_scene
-from dynasyn.tiny import save_tiny_pipeline
+from dynasyn.tiny import save_tiny_pipeline, synthetic_scene
 
 SHARED_SCENES = Path(__file__).resolve().parents[2] / "shared" / "data" / "scenes"
 
@@ -32,19 +29,7 @@ def tiny_vpred_model(tmp_path_factory) -> Path:
 
 def make_scene(path: Path, n: int = 2, size: int = 64, classes=None) -> Path:
     """A synthetic scene: n coloured squares on grey, one mask each."""
-    rng = np.random.default_rng(0)
-    img = np.full((size, size, 3), 128, np.uint8)
-    masks = []
-    cols = int(np.ceil(np.sqrt(n)))
-    cell = size // cols
-    for i in range(n):
-        r, c = divmod(i, cols)
-        m = np.zeros((size, size), np.float32)
-        m[r * cell + 2 : (r + 1) * cell - 2, c * cell + 2 : (c + 1) * cell - 2] = 1
-        img[m > 0] = rng.integers(0, 255, 3)
-        masks.append(m)
-    classes = classes or ["panda", "bowl", "teddy bear", "ball", "cat", "dog"][:n]
-    return save_scene(path, Image.fromarray(img), masks, classes)
+    return synthetic_scene(path, n, size, classes)
 
 
 @pytest.fixture

@@ -105,3 +105,26 @@ def save_tiny_pipeline(path: str | Path, **kwargs) -> Path:
     path = Path(path)
     tiny_pipeline(**kwargs).save_pretrained(path, safe_serialization=True)
     return path
+
+
+def synthetic_scene(path: str | Path, n: int = 2, size: int = 64, classes=None,
+                    margin: int = 2) -> Path:
+    """A scene of ``n`` coloured squares on grey, one mask each (tests and benchmarks)."""
+    import numpy as np
+    from PIL import Image
+
+    from dynasyn.scene import save_scene
+
+    rng = np.random.default_rng(0)
+    img = np.full((size, size, 3), 128, np.uint8)
+    masks = []
+    cols = int(np.ceil(np.sqrt(n)))
+    cell = size // cols
+    for i in range(n):
+        r, c = divmod(i, cols)
+        m = np.zeros((size, size), np.float32)
+        m[r * cell + margin : (r + 1) * cell - margin, c * cell + margin : (c + 1) * cell - margin] = 1
+        img[m > 0] = rng.integers(0, 255, 3)
+        masks.append(m)
+    classes = classes or ["panda", "bowl", "teddy bear", "ball", "cat", "dog"][:n]
+    return save_scene(path, Image.fromarray(img), masks, classes, overwrite=True)
