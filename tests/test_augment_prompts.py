@@ -480,3 +480,36 @@ def test_paper_style_renderings():
         else:
             assert re.fullmatch(r"<asset([01])> is [\w ,'-]+ the <asset(?!\1)[01]>[\w ,'-]*\.",
                                 ph), ph
+
+
+def test_local_provider_runs_a_tiny_local_model_end_to_end(tmp_path, caplog):
+    """A tiny random causal LM saved on disk: loaded, prompted, parsed (or fallen back)."""
+    import logging
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "the", "panda", "bowl", "is", "throwing", "washing", ".",
+             "1", "toy", "green", "jumping"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
+                                  eos_token="</s>", pad_token="</s>")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    with caplog.at_level(logging.WARNING, logger="dynasyn"):
+        items = generate_prompts(["panda", "bowl"], ["toy panda", "green bowl"], num_prompts=4,
+                                 provider="local", local_model=str(tmp_path / "lm"))
+    assert len(items) == 4
+    for it in items:
+        assert "<asset" in it.placeholder_prompt() and "{" not in it.class_prompt(["panda", "bowl"])
+    # random weights cannot write sentences naming both subjects: at most one fallback warning
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) <= 1
+    assert not any("could not load" in w for w in warnings), warnings  # the model did run
