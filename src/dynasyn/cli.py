@@ -39,6 +39,18 @@ PERSONALIZE_EXAMPLES = """examples:
       --out runs/bear          # = augment into runs/bear/augmented, then train with L_AUG
 """
 
+EVALUATE_EXAMPLES = """examples:
+  dynasyn evaluate runs/bear                      # plain,action,interaction, 4 images each
+  dynasyn evaluate runs/bear --prompts interaction --n 8 --seed 1 --out runs/bear/eval-i
+  dynasyn evaluate runs/bear --prompt-file my_prompts.txt --clip-model openai/clip-vit-large-patch14
+  dynasyn evaluate runs/star_ball --steps 25      # micro-world runs use the world's grammar
+
+A prompt file has one prompt per line with <asset0>, <asset1>, … ("#" comments allowed);
+"action<TAB><asset0> is jumping" puts a line in a category. Writes OUT/metrics.json
+(per prompt, per category, overall: mean ± std) and OUT/report.html (default OUT: RUN/eval).
+ImageReward runs when the image-reward package and its weights are installed locally.
+"""
+
 GENERATE_EXAMPLES = """examples:
   dynasyn generate runs/bear "<asset0> is throwing the <asset1>" -n 4 --seed 0
   dynasyn generate runs/bear "a photo of <asset2> at the beach" --steps 25 --guidance 5
@@ -151,6 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="output directory (default RUN/generated)")
     g.add_argument("--device", default="auto")
     g.add_argument("--no-progress", action="store_true")
+    ev = sub.add_parser("evaluate", help="score a run: CLIP-I / CLIP-T / identity, report.html",
+                        epilog=EVALUATE_EXAMPLES, formatter_class=fmt)
+    ev.add_argument("run", help="run directory written by `dynasyn train`")
+    which = ev.add_mutually_exclusive_group()
+    which.add_argument("--prompts", default="plain,action,interaction",
+                       help="comma-separated prompt categories (default: all three)")
+    which.add_argument("--prompt-file", help="file of prompts with <assetN> placeholders")
+    ev.add_argument("-n", "--n", dest="n", type=int, default=4, help="images per prompt (default 4)")
+    ev.add_argument("--seed", type=int, default=0, help="first seed (images use seed…seed+n-1)")
+    ev.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    ev.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    ev.add_argument("--limit", type=int, default=10, help="prompts per category (default 10)")
+    ev.add_argument("--clip-model", default="micro",
+                    help="CLIP for the metrics: micro (bundled, default), a directory or hub id")
+    ev.add_argument("--dino-model", help="optional DINO/ViT directory or hub id for DINO scores")
+    ev.add_argument("--scene", help="the run's scene directory, if it has moved since training")
+    ev.add_argument("--out", help="output directory (default RUN/eval; a previous evaluation "
+                    "there is replaced)")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -241,6 +273,36 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     return cmd_train(args, allow_existing=True)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dynasyn.evaluate import evaluate
+    from dynasyn.evaluate.report import summary_table
+
+    if args.limit is not None and args.limit < 1:
+        raise InputError("--limit must be >= 1")
+    result = evaluate(
+        args.run,
+        categories=args.prompts,
+        prompt_file=args.prompt_file,
+        n=args.n,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        clip_model=args.clip_model,
+        out=args.out,
+        device=args.device,
+        progress=not args.no_progress,
+        limit=args.limit,
+        scene=args.scene,
+        dino_model=args.dino_model,
+    )
+    print(summary_table(result))
+    for note in result["notes"]:
+        print(f"note: {note}")
+    out = Path(result["out"])
+    print(f"wrote {out / 'metrics.json'} and {out / 'report.html'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dynasyn.demo import run_demo
 
@@ -250,7 +312,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "generate": cmd_generate, "augment": cmd_augment,
-            "personalize": cmd_personalize}
+            "personalize": cmd_personalize, "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:
