@@ -51,6 +51,22 @@ A prompt file has one prompt per line with <asset0>, <asset1>, … ("#" comments
 ImageReward runs when the image-reward package and its weights are installed locally.
 """
 
+BENCHMARK_EXAMPLES = """examples:
+  dynasyn benchmark ../shared/data/scenes/bear ../shared/data/scenes/toys --out bench \\
+      --model stabilityai/stable-diffusion-2-1-base --seeds 0,1 \\
+      --presets dynasyn,break-a-scene,dreambooth,textual-inversion,md,md+app,md+act
+  dynasyn benchmark scenes/a scenes/b --out bench-micro --phase1-steps 100 --phase2-steps 100 \\
+      --n 2 --steps 25 --limit 4 --num-prompts 8 --provider micro     # micro world, small scale
+  accelerate launch -m dynasyn.cli benchmark scenes/* --out bench   # cells spread over GPUs
+
+Writes OUT/<scene>/<preset>/seed<k>/{run,eval} (one training + evaluation per cell; presets
+with L_AUG share OUT/<scene>/augmented), then OUT/table1.{md,csv} (methods × Plain / Action /
+Interaction × IR / CLIP-T / CLIP-I / ID-region) and OUT/table3.{md,csv} (ablations MD, MD+App,
+MD+Act, MD+App+Act), mean ± std over scenes and seeds, beside the paper's reported numbers.
+Rerun the same command to resume: cells with eval/metrics.json are skipped. --phase1-steps /
+--phase2-steps apply to every preset; DB / TI train their one phase for the sum of both.
+"""
+
 GENERATE_EXAMPLES = """examples:
   dynasyn generate runs/bear "<asset0> is throwing the <asset1>" -n 4 --seed 0
   dynasyn generate runs/bear "a photo of <asset2> at the beach" --steps 25 --guidance 5
@@ -183,6 +199,34 @@ def build_parser() -> argparse.ArgumentParser:
                     "there is replaced)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--no-progress", action="store_true")
+    bm = sub.add_parser("benchmark", help="train + evaluate presets on scenes; paper's tables",
+                        epilog=BENCHMARK_EXAMPLES, formatter_class=fmt)
+    bm.add_argument("scenes", nargs="+", help="scene directories")
+    bm.add_argument("--presets", default=",".join(PRESET_HELP),
+                    help="comma-separated presets (default: all: %(default)s)")
+    bm.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
+    bm.add_argument("--out", required=True, help="benchmark directory (rerun to resume)")
+    bm.add_argument("--model", default="micro",
+                    help="base model: micro (bundled, default), a pipeline directory or hub id")
+    bm.add_argument("--phase1-steps", type=int, help="phase-1 steps of every run")
+    bm.add_argument("--phase2-steps", type=int, help="phase-2 steps of every run")
+    bm.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="any other training config value, for every run (repeatable)")
+    bm.add_argument("-n", "--n", dest="n", type=int, default=4,
+                    help="evaluation images per prompt (default 4)")
+    bm.add_argument("--steps", type=int, default=50, help="evaluation DDIM steps (default 50)")
+    bm.add_argument("--limit", type=int, default=10,
+                    help="evaluation prompts per category (default 10)")
+    bm.add_argument("--eval-seed", type=int, default=0,
+                    help="first evaluation seed, the same for every cell (default 0)")
+    bm.add_argument("--clip-model", default="micro",
+                    help="CLIP for the metrics: micro (bundled, default), a directory or hub id")
+    bm.add_argument("--num-prompts", type=int, default=30,
+                    help="augmented prompts per scene for presets with L_AUG (default 30)")
+    bm.add_argument("--provider", default="template", choices=["template", "micro"],
+                    help="augmentation prompt provider (default template)")
+    bm.add_argument("--device", default="auto")
+    bm.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -303,6 +347,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from dynasyn.config import parse_set
+    from dynasyn.evaluate.benchmark import run_benchmark
+
+    overrides = parse_set(args.set)
+    overrides.update({k: v for k, v in (("phase1_steps", args.phase1_steps),
+                                        ("phase2_steps", args.phase2_steps),
+                                        ("device", None if args.device == "auto" else args.device))
+                      if v is not None})
+    result = run_benchmark(
+        args.scenes,
+        args.presets,
+        args.seeds,
+        args.out,
+        model=args.model,
+        train_overrides=overrides,
+        eval_kwargs=dict(n=args.n, steps=args.steps, limit=args.limit, seed=args.eval_seed,
+                         clip_model=args.clip_model, device=args.device),
+        augment_kwargs=dict(num_prompts=args.num_prompts, provider=args.provider),
+        progress=not args.no_progress,
+    )
+    if not result["main_process"]:
+        return 0
+    finished = len(result["cells"]) - len(result["missing"])
+    print(f"{finished} of {len(result['cells'])} cells finished; tables:")
+    for f in result["files"]:
+        print(f"  {f}")
+    for m in result["missing"]:
+        print(f"dynasyn: cell without results: {m}", file=sys.stderr)
+    return 1 if result["missing"] else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dynasyn.demo import run_demo
 
@@ -312,7 +388,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "generate": cmd_generate, "augment": cmd_augment,
-            "personalize": cmd_personalize, "evaluate": cmd_evaluate}
+            "personalize": cmd_personalize, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark}
 
 
 def main(argv: list[str] | None = None) -> int:

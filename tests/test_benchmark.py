@@ -1,0 +1,430 @@
+"""`dynasyn benchmark`: the paper's tables, resumable cells, process sharding (issue 5)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import dynasyn.evaluate.benchmark as B
+from dynasyn.config import load_config
+from dynasyn.errors import InputError
+from dynasyn.evaluate.benchmark import (
+    ABLATION_LABELS,
+    MANIFEST,
+    METHOD_LABELS,
+    Cell,
+    collect,
+    run_benchmark,
+    table1_markdown,
+    table3_markdown,
+)
+from dynasyn.presets import PRESETS
+from dynasyn.tiny import synthetic_scene
+
+CATS = ["plain", "action", "interaction"]
+TABLE_FILES = ["table1.md", "table1.csv", "table3.md", "table3.csv", "cells.csv"]
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and leave the other core alone)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A tiny random transformers CLIPModel with the real CLIP tokenizer, saved to disk."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from dynasyn.bpe import clip_tokenizer
+    from dynasyn.evaluate.metrics import CLIP_MEAN, CLIP_STD
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                num_hidden_layers=2, max_position_embeddings=77, bos_token_id=49406,
+                eos_token_id=49407, pad_token_id=49407)
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
+                  num_attention_heads=4, num_hidden_layers=2)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    path = tmp_path_factory.mktemp("clip") / "clip"
+    model.save_pretrained(path, safe_serialization=True)
+    clip_tokenizer(model_max_length=77).save_pretrained(path)
+    (path / "preprocessor_config.json").write_text(json.dumps(
+        {"crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32},
+         "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bench_args(tmp_path_factory, tiny_model, tiny_clip) -> dict[str, Any]:
+    """Every preset on one two-subject scene, one seed, 1 + 1 steps, one image per prompt."""
+    root = tmp_path_factory.mktemp("bench")
+    return dict(
+        scenes=[synthetic_scene(root / "sceneA", 2)],
+        presets=",".join(PRESETS),
+        seeds=[0],
+        out=root / "out",
+        model=str(tiny_model),
+        train_overrides=dict(phase1_steps=1, phase2_steps=1),
+        eval_kwargs=dict(n=1, steps=1, limit=1, clip_model=str(tiny_clip), device="cpu"),
+        augment_kwargs=dict(num_prompts=2, provider="template", draft_steps=2, gsa_steps=4),
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def bench(bench_args) -> dict[str, Any]:
+    """The benchmark above, run once for the module (tests copy its directory to change it)."""
+    return run_benchmark(**bench_args)
+
+
+@pytest.fixture
+def bench_copy(bench, bench_args, tmp_path) -> dict[str, Any]:
+    """``bench_args`` pointing at a private copy of the finished benchmark directory."""
+    out = tmp_path / "out"
+    shutil.copytree(bench_args["out"], out, symlinks=True)
+    return dict(bench_args, out=out)
+
+
+class Calls:
+    """Counts the calls of the benchmark's train / evaluate / augment (still running them)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.train: list[dict[str, Any]] = []
+        self.evaluate: list[Path] = []
+        self.augment: list[Path] = []
+        real_train, real_eval, real_aug = B.train, B.evaluate, B.augment
+
+        def train(cfg, out, **kw):
+            self.train.append(dict(kw, out=Path(out), preset=cfg.preset))
+            return real_train(cfg, out, **kw)
+
+        def evaluate(run, **kw):
+            self.evaluate.append(Path(run))
+            return real_eval(run, **kw)
+
+        def augment(scene, out, cfg, **kw):
+            self.augment.append(Path(out))
+            return real_aug(scene, out, cfg, **kw)
+
+        monkeypatch.setattr(B, "train", train)
+        monkeypatch.setattr(B, "evaluate", evaluate)
+        monkeypatch.setattr(B, "augment", augment)
+
+
+def _cell(args: dict[str, Any], preset: str, seed: int = 0) -> Path:
+    return Path(args["out"]) / "sceneA" / preset / f"seed{seed}"
+
+
+def _md_rows(text: str) -> list[list[str]]:
+    """The data rows of every markdown table in ``text`` (header and rule excluded)."""
+    rows, prev = [], ""
+    for line in text.splitlines():
+        if line.startswith("| ") and not prev.startswith("|"):
+            pass  # a header
+        elif line.startswith("| "):
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+        prev = line
+    return rows
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def test_benchmark_writes_the_papers_tables(bench, bench_args):
+    out = Path(bench_args["out"])
+    assert bench["missing"] == [] and bench["out"] == str(out)
+    assert len(bench["cells"]) == len(PRESETS)
+    assert {c["status"] for c in bench["cells"]} == {"trained"}
+    for name in TABLE_FILES:
+        assert (out / name).is_file(), name
+    assert not list(out.glob(".*.tmp*")) and not list(out.glob(".table*"))
+    # one augmented directory per scene, used by every preset with L_AUG and no other
+    assert (out / "sceneA" / "augmented" / "prompts.jsonl").is_file()
+    for preset in PRESETS:
+        cell = _cell(bench_args, preset)
+        assert (cell / "run" / "run.json").is_file() and (cell / "eval" / "metrics.json").is_file()
+        cfg = load_config(cell / "run" / "config.yaml")
+        assert cfg.preset == preset and cfg.seed == 0
+        if PRESETS[preset]["lambda_aug"] > 0:
+            assert Path(cfg.augmented) == out / "sceneA" / "augmented"
+        else:
+            assert cfg.augmented is None
+        # one-phase presets keep their phase and train the same number of steps
+        assert cfg.phase1_steps + cfg.phase2_steps == 2
+        assert (cfg.phase1_steps == 0) == (preset == "dreambooth")
+        assert (cfg.phase2_steps == 0) == (preset == "textual-inversion")
+
+    t1 = (out / "table1.md").read_text()
+    ours, paper = _md_rows(t1.split("## Paper")[0]), _md_rows(t1.split("## Paper")[1])
+    assert [r[0] for r in ours] == list(METHOD_LABELS.values())
+    assert [r[0] for r in paper] == list(METHOD_LABELS.values())
+    head = next(ln for ln in t1.splitlines() if ln.startswith("| Method | runs"))
+    assert "Plain IR | Plain CLIP-T | Plain CLIP-I | Plain ID-region" in head
+    assert "Interaction IR | Interaction CLIP-T | Interaction CLIP-I" in head
+    for r in ours:
+        assert len(r) == 2 + 3 * 4 and r[1] == "1"
+        assert r[2] == "–"  # no ImageReward installed: IR is a dash
+        assert all(" ± " in c for i, c in enumerate(r[2:]) if i % 4)
+    assert paper[-1] == ["DynASyn", "0.901", "0.376", "0.797", "0.827", "0.359", "0.771",
+                         "0.758", "0.346", "0.731"]
+
+    t3 = (out / "table3.md").read_text()
+    ours3, paper3 = _md_rows(t3.split("## Paper")[0]), _md_rows(t3.split("## Paper")[1])
+    assert [r[0] for r in ours3] == list(ABLATION_LABELS.values())
+    assert ours3[-1][1] == "`dynasyn`" and ours3[-1][3] == "–"
+    assert paper3[-1] == ["MD+App+Act", "0.829", "0.360", "0.767"]
+
+    rows1 = list(csv.DictReader((out / "table1.csv").open()))
+    assert [r["preset"] for r in rows1] == list(METHOD_LABELS)
+    assert rows1[0]["plain_image_reward_mean"] == "" and float(rows1[0]["plain_clip_t_std"]) == 0
+    assert {f"{c}_{k}_{s}" for c in CATS for k in ("clip_t", "clip_i", "identity_region")
+            for s in ("mean", "std")} <= set(rows1[0])
+    rows3 = list(csv.DictReader((out / "table3.csv").open()))
+    assert [r["preset"] for r in rows3] == list(ABLATION_LABELS)
+    # Table 3 is the mean of the per-category means, Table 1 holds those categories
+    dyn1 = next(r for r in rows1 if r["preset"] == "dynasyn")
+    dyn3 = next(r for r in rows3 if r["preset"] == "dynasyn")
+    assert float(dyn3["clip_t_mean"]) == pytest.approx(
+        sum(float(dyn1[f"{c}_clip_t_mean"]) for c in CATS) / 3, abs=1e-5)
+    assert len(list(csv.DictReader((out / "cells.csv").open()))) == 3 * len(PRESETS)
+    assert bench["table1"]["dynasyn"]["action"]["clip_t"]["n"] == 1
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["scenes"] == {"sceneA": str(Path(bench_args["scenes"][0]).resolve())}
+
+
+def test_rerun_skips_finished_cells_and_redoes_a_deleted_one(bench_copy, monkeypatch):
+    calls = Calls(monkeypatch)
+    out = Path(bench_copy["out"])
+    (out / "table1.md").unlink()
+    res = run_benchmark(**bench_copy)
+    assert (calls.train, calls.evaluate, calls.augment) == ([], [], [])
+    assert {c["status"] for c in res["cells"]} == {"done"} and (out / "table1.md").is_file()
+
+    # a deleted metrics.json: exactly that cell is evaluated again (its run is kept)
+    md = _cell(bench_copy, "md")
+    (md / "eval" / "metrics.json").unlink()
+    res = run_benchmark(**bench_copy)
+    assert calls.train == [] and calls.augment == [] and calls.evaluate == [md / "run"]
+    assert (md / "eval" / "metrics.json").is_file() and (md / "eval" / "report.html").is_file()
+    assert [c["status"] for c in res["cells"] if c["status"] != "done"] == ["evaluated"]
+
+    # a half-trained run (no run.json, no checkpoint) is trained again from scratch; a preset
+    # with L_AUG re-runs the (cached) augmentation of its scene first
+    calls.evaluate.clear()
+    act = _cell(bench_copy, "md+act")
+    (act / "run" / "run.json").unlink()
+    shutil.rmtree(act / "eval")
+    res = run_benchmark(**bench_copy)
+    assert [(c["preset"], c["out"], c["overwrite"], c.get("resume", False))
+            for c in calls.train] == [("md+act", act / "run", True, False)]
+    assert calls.evaluate == [act / "run"] and calls.augment == [out / "sceneA" / "augmented"]
+    assert (act / "run" / "run.json").is_file() and res["missing"] == []
+
+
+def test_a_run_with_checkpoints_is_resumed(bench_copy, monkeypatch):
+    db = _cell(bench_copy, "dreambooth")
+    info = (db / "run" / "run.json").read_text()
+    (db / "run" / "run.json").unlink()
+    (db / "eval" / "metrics.json").unlink()
+    ck = db / "run" / "checkpoints" / "step-000001"
+    ck.mkdir(parents=True)
+    (ck / "state.json").write_text("{}")
+    seen: list[dict[str, Any]] = []
+
+    def fake_train(cfg, out, **kw):  # a resumed training only has to finish the run
+        seen.append(dict(kw, preset=cfg.preset))
+        (Path(out) / "run.json").write_text(info)
+
+    monkeypatch.setattr(B, "train", fake_train)
+    res = run_benchmark(**bench_copy)
+    assert len(seen) == 1 and seen[0]["resume"] is True and seen[0]["preset"] == "dreambooth"
+    assert [c["status"] for c in res["cells"] if c["status"] != "done"] == ["resumed"]
+
+
+def test_a_failed_cell_is_reported_and_retried(bench_copy, monkeypatch):
+    ti = _cell(bench_copy, "textual-inversion")
+    (ti / "eval" / "metrics.json").unlink()
+
+    def broken(run, **kw):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(B, "evaluate", broken)
+    res = run_benchmark(**bench_copy)
+    assert res["missing"] == ["sceneA/textual-inversion/seed0 (failed: RuntimeError: out of "
+                              "memory)"]
+    t1 = (Path(bench_copy["out"]) / "table1.md").read_text()
+    assert "textual-inversion/seed0 (failed" in t1
+    assert [r[0] for r in _md_rows(t1.split("## Paper")[0])] == ["DB (+mask)", "Break-a-Scene",
+                                                                 "DynASyn"]
+    monkeypatch.undo()
+    res = run_benchmark(**bench_copy)
+    assert res["missing"] == [] and not (ti / "error.txt").exists()
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def test_bad_input_is_refused_before_anything_is_written(bench_args, tmp_path):
+    args = dict(bench_args, out=tmp_path / "new")
+    with pytest.raises(InputError, match="unknown preset 'dreamboth'"):
+        run_benchmark(**dict(args, presets="dynasyn,dreamboth"))
+    with pytest.raises(InputError, match="no presets"):
+        run_benchmark(**dict(args, presets=""))
+    with pytest.raises(InputError, match="does not exist"):
+        run_benchmark(**dict(args, scenes=[tmp_path / "nope"]))
+    other = synthetic_scene(tmp_path / "b" / "sceneA", 2)
+    with pytest.raises(InputError, match="two scenes are named 'sceneA'"):
+        run_benchmark(**dict(args, scenes=[*args["scenes"], other]))
+    with pytest.raises(InputError, match="not an integer"):
+        run_benchmark(**dict(args, seeds="0,x"))
+    with pytest.raises(InputError, match="'seed'"):
+        run_benchmark(**dict(args, train_overrides=dict(seed=3)))
+    with pytest.raises(InputError, match="unknown config key"):
+        run_benchmark(**dict(args, train_overrides=dict(phase3_steps=3)))
+    with pytest.raises(InputError, match="unknown prompt category"):
+        run_benchmark(**dict(args, eval_kwargs=dict(args["eval_kwargs"], categories="dance")))
+    with pytest.raises(InputError, match="unknown evaluation setting"):
+        run_benchmark(**dict(args, eval_kwargs=dict(args["eval_kwargs"], images=3)))
+    with pytest.raises(InputError, match="provider"):
+        run_benchmark(**dict(args, augment_kwargs=dict(provider="oracle")))
+    assert not (tmp_path / "new").exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    with pytest.raises(InputError, match="holds no benchmark"):
+        run_benchmark(**dict(args, out=foreign))
+    with pytest.raises(InputError, match="not a directory"):
+        run_benchmark(**dict(args, out=foreign / "keep.txt"))
+    assert sorted(p.name for p in foreign.iterdir()) == ["keep.txt"]
+
+
+def test_a_rerun_with_other_settings_is_refused(bench_copy, bench_args):
+    out = Path(bench_copy["out"])
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(InputError, match="other train settings"):
+        run_benchmark(**dict(bench_copy, train_overrides=dict(phase1_steps=2, phase2_steps=1)))
+    with pytest.raises(InputError, match="other evaluate settings"):
+        run_benchmark(**dict(bench_copy, eval_kwargs=dict(bench_args["eval_kwargs"], n=2)))
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    # fewer presets (none with L_AUG) and a changed device are fine: nothing to redo
+    res = run_benchmark(**dict(bench_copy, presets="dreambooth", augment_kwargs=None,
+                               eval_kwargs=dict(bench_args["eval_kwargs"], device="auto")))
+    assert [c["status"] for c in res["cells"]] == ["done"]
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+def _fake_cell(root: Path, scene: str, preset: str, seed: int,
+               values: dict[str, dict[str, float | None]]) -> Cell:
+    cell = Cell(scene, root / scene, preset, seed, root)
+    cell.eval.mkdir(parents=True)
+    cats = {c: {k: {"mean": v, "std": 0.0, "n": 1} for k, v in m.items()}
+            for c, m in values.items()}
+    (cell.eval / "metrics.json").write_text(json.dumps({"categories": cats}))
+    return cell
+
+
+def test_cells_are_mean_and_std_over_scenes_and_seeds(tmp_path):
+    def vals(t, ir=None):
+        return {"plain": {"clip_t": t, "clip_i": 0.5, "identity_region": 0.4, "image_reward": ir},
+                "action": {"clip_t": t + 0.1, "clip_i": 0.5, "identity_region": 0.4,
+                           "image_reward": ir},
+                "interaction": {"clip_t": t + 0.2, "clip_i": 0.5, "identity_region": 0.4,
+                                "image_reward": ir}}
+
+    cells = [_fake_cell(tmp_path, "a", "dynasyn", 0, vals(0.2, 1.0)),
+             _fake_cell(tmp_path, "b", "dynasyn", 0, vals(0.4, 0.0)),
+             _fake_cell(tmp_path, "a", "md", 0, vals(0.1)),
+             Cell("a", tmp_path / "a", "md", 1, tmp_path)]  # never run
+    stats = collect(cells, CATS)
+    t1 = stats["table1"]["dynasyn"]
+    assert t1["plain"]["clip_t"] == {"mean": pytest.approx(0.3), "std": pytest.approx(0.1),
+                                     "n": 2}
+    assert t1["interaction"]["image_reward"]["mean"] == pytest.approx(0.5)
+    assert stats["table3"]["dynasyn"]["clip_t"]["mean"] == pytest.approx(0.4)
+    assert stats["table3"]["md"]["image_reward"]["mean"] is None
+    assert stats["missing"] == ["a/md/seed1 (not run)"]
+    md1 = table1_markdown(stats, CATS)
+    row = next(r for r in _md_rows(md1.split("## Paper")[0]) if r[0] == "DynASyn")
+    assert row[1] == "2" and row[2:4] == ["0.500 ± 0.500", "0.300 ± 0.100"]
+    md3 = table3_markdown(stats, CATS)
+    rows3 = _md_rows(md3.split("## Paper")[0])
+    assert [r[0] for r in rows3] == ["MD", "MD+App+Act"] and rows3[0][3] == "–"
+    assert "a/md/seed1 (not run)" in md3 and "a/md/seed1" not in md1
+
+
+def test_one_phase_presets_keep_their_phase():
+    ov = dict(phase1_steps=3, phase2_steps=5)
+    assert B._phase_steps("dynasyn", ov) == ov
+    assert B._phase_steps("dreambooth", ov) == dict(phase1_steps=0, phase2_steps=8)
+    assert B._phase_steps("textual-inversion", ov) == dict(phase1_steps=8, phase2_steps=0)
+    assert B._phase_steps("dreambooth", {}) == {}
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+def _worker(model: str, scene: str, out: str, clip: str) -> None:
+    """One of two CPU processes: real sharding and barriers, fake training and evaluation."""
+    from accelerate import PartialState
+
+    done: list[dict[str, Any]] = []
+
+    def fake_train(cfg, run, accelerator=None, **kw):
+        Path(run).mkdir(parents=True, exist_ok=True)
+        (Path(run) / "run.json").write_text("{}")
+        done.append({"run": str(run), "processes": accelerator.num_processes,
+                     "main": accelerator.is_main_process})
+
+    def fake_evaluate(run, out, **kw):
+        stats = {"mean": 0.25, "std": 0.0, "n": 1}
+        cats = {c: {"clip_t": stats, "clip_i": stats, "identity_region": stats} for c in CATS}
+        Path(out).mkdir(parents=True)
+        (Path(out) / "metrics.json").write_text(json.dumps({"categories": cats}))
+
+    B.train, B.evaluate = fake_train, fake_evaluate
+    run_benchmark([scene], "dreambooth,textual-inversion,md", [0, 1], out, model=model,
+                  eval_kwargs=dict(clip_model=clip), progress=False)
+    state = PartialState()
+    (Path(out) / f"proc{state.process_index}.json").write_text(
+        json.dumps({"done": done, "world": state.num_processes}))
+
+
+def test_cells_are_spread_over_processes(tiny_model, scene2, tmp_path, tiny_clip):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, __file__, str(tiny_model), str(scene2), str(out),
+                        str(tiny_clip)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    p0, p1 = (json.loads((out / f"proc{i}.json").read_text()) for i in (0, 1))
+    assert p0["world"] == p1["world"] == 2
+    runs0, runs1 = [d["run"] for d in p0["done"]], [d["run"] for d in p1["done"]]
+    assert len(runs0) == len(runs1) == 3 and not set(runs0) & set(runs1)
+    # every process trains its cells alone: a one-process accelerator
+    assert all(d["processes"] == 1 and d["main"] for d in p0["done"] + p1["done"])
+    cells = [f"{p}/seed{k}" for p in ("dreambooth", "textual-inversion", "md") for k in (0, 1)]
+    assert [str(Path(x).relative_to(out / scene2.name).parent) for x in runs0] == cells[0::2]
+    rows = list(csv.DictReader((out / "table1.csv").open()))
+    assert [r["preset"] for r in rows] == ["textual-inversion", "dreambooth"]
+    assert rows[0]["runs"] == "2" and float(rows[0]["action_clip_t_mean"]) == 0.25
+
+
+if __name__ == "__main__":
+    from accelerate import debug_launcher
+
+    debug_launcher(_worker, args=tuple(sys.argv[1:5]), num_processes=2)
