@@ -143,3 +143,26 @@ def test_check_runs_on_the_smoke_bundle(
     assert micro_check.main(["--n", "2", "--steps", "1", "--weights", str(out),
                              "--clip-only"]) == 0
     assert "micro CLIP" in capsys.readouterr().out
+
+
+_BUNDLED = (Path(__file__).resolve().parents[1] / "src/dynasyn/micro/weights/sd/model_index.json")
+
+
+@pytest.mark.skipif(not _BUNDLED.exists(), reason="the micro model is not bundled yet")
+def test_bundled_micro_model_loads_offline_and_samples(monkeypatch) -> None:
+    """`--model micro` resolves to the bundled weights; stock loaders give a working pipeline."""
+    from transformers import CLIPModel
+
+    from dynasyn.models import load_pipeline, micro_model_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = load_pipeline("micro")
+    assert pipe.unet.dtype == torch.float32
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe("a red striped star is jumping", num_inference_steps=5,
+               generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert img.shape == (64, 64, 3) and np.isfinite(img).all()
+    clip = CLIPModel.from_pretrained(micro_model_path().parent / "clip")
+    assert clip.config.text_config.vocab_size == 49408
+    total = sum(f.stat().st_size for f in micro_model_path().parent.rglob("*") if f.is_file())
+    assert total <= 25 * 2**20
