@@ -46,30 +46,6 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> Path:
-    """A tiny random transformers CLIPModel with the real CLIP tokenizer, saved to disk."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from dynasyn.bpe import clip_tokenizer
-    from dynasyn.evaluate.metrics import CLIP_MEAN, CLIP_STD
-
-    torch.manual_seed(0)
-    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                num_hidden_layers=2, max_position_embeddings=77, bos_token_id=49406,
-                eos_token_id=49407, pad_token_id=49407)
-    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
-                  num_attention_heads=4, num_hidden_layers=2)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    path = tmp_path_factory.mktemp("clip") / "clip"
-    model.save_pretrained(path, safe_serialization=True)
-    clip_tokenizer(model_max_length=77).save_pretrained(path)
-    (path / "preprocessor_config.json").write_text(json.dumps(
-        {"crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32},
-         "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}))
-    return path
-
-
-@pytest.fixture(scope="module")
 def bench_args(tmp_path_factory, tiny_model, tiny_clip) -> dict[str, Any]:
     """Every preset on one two-subject scene, one seed, 1 + 1 steps, one image per prompt."""
     root = tmp_path_factory.mktemp("bench")

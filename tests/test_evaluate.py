@@ -52,29 +52,6 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> Path:
-    """A tiny random transformers CLIPModel with the real CLIP tokenizer, saved to disk."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from dynasyn.bpe import clip_tokenizer
-
-    torch.manual_seed(0)
-    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                num_hidden_layers=2, max_position_embeddings=77, bos_token_id=49406,
-                eos_token_id=49407, pad_token_id=49407)
-    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
-                  num_attention_heads=4, num_hidden_layers=2)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    path = tmp_path_factory.mktemp("clip") / "clip"
-    model.save_pretrained(path, safe_serialization=True)
-    clip_tokenizer(model_max_length=77).save_pretrained(path)
-    (path / "preprocessor_config.json").write_text(json.dumps(
-        {"crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32},
-         "image_mean": list(M.CLIP_MEAN), "image_std": list(M.CLIP_STD)}))
-    return path
-
-
-@pytest.fixture(scope="module")
 def scorer(tiny_clip) -> ClipScorer:
     return ClipScorer.from_name(tiny_clip)
 
