@@ -3,12 +3,7 @@
 # there, the project) and runs the offline demo on the bundled micro model.
 # Extra arguments go to `dynasyn demo`, e.g. `bash scripts/demo.sh --out /tmp/demo --overwrite`.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-# shellcheck disable=SC1091
-. .venv/bin/activate
-pip() { python -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
-python -c "import torch" 2>/dev/null || pip install "torch==2.13.0"
+# shellcheck source=scripts/_setup.sh
+. "$(dirname "$0")/_setup.sh"
 python -c "import dynasyn" 2>/dev/null || pip install -e .
 exec dynasyn demo "$@"

@@ -75,3 +75,14 @@ def tiny_clip(tmp_path_factory) -> Path:
         {"crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32},
          "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}))
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and leave the other core alone)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
