@@ -10,13 +10,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import dynasyn.evaluate.benchmark as B
 from dynasyn.config import load_config
 from dynasyn.errors import InputError
 from dynasyn.evaluate.benchmark import (
     ABLATION_LABELS,
+    FIGURE,
     MANIFEST,
     METHOD_LABELS,
     Cell,
@@ -26,6 +29,7 @@ from dynasyn.evaluate.benchmark import (
     table3_markdown,
 )
 from dynasyn.presets import PRESETS
+from dynasyn.scene import load_scene
 from dynasyn.tiny import synthetic_scene
 
 CATS = ["plain", "action", "interaction"]
@@ -174,6 +178,30 @@ def test_benchmark_writes_the_papers_tables(bench, bench_args):
     assert bench["table1"]["dynasyn"]["action"]["clip_t"]["n"] == 1
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["scenes"] == {"sceneA": str(Path(bench_args["scenes"][0]).resolve())}
+
+
+def test_figure_shows_every_method_on_the_same_prompts(bench, bench_args):
+    out = Path(bench_args["out"])
+    assert str(out / FIGURE) in bench["files"]
+    fig = Image.open(out / FIGURE).convert("RGB")
+    presets = list(PRESETS)
+    first = _cell(bench_args, presets[0]) / "eval"
+    records = json.loads((first / "metrics.json").read_text())["prompts"]
+    per_cat: dict[str, list[str]] = {}
+    for r in records:
+        per_cat.setdefault(r["category"], []).append(r["images"][0])
+    picked = [p for paths in per_cat.values() for p in paths[:2]]
+    ref_w = load_scene(bench_args["scenes"][0]).image.size[0]
+    side = max(96, min(ref_w, 256))
+    assert fig.size == (110 + side * (1 + len(picked)), 34 + side * len(PRESETS))
+    # row i, column j+1 is preset i's first image of picked prompt j, at the same noise
+    for i, preset in enumerate(presets):
+        ev = _cell(bench_args, preset) / "eval"
+        for j in (0, len(picked) - 1):
+            want = Image.open(ev / picked[j]).convert("RGB").resize((side, side), Image.NEAREST)
+            x, y = 110 + side * (j + 1), 34 + side * i
+            got = fig.crop((x, y, x + side, y + side))
+            assert np.array_equal(np.asarray(got), np.asarray(want)), (preset, j)
 
 
 def test_rerun_skips_finished_cells_and_redoes_a_deleted_one(bench_copy, monkeypatch):

@@ -5,13 +5,16 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from dynasyn.attention import (
     CaptureCrossAttnProcessor,
+    attention_only_copy,
     capturing,
     cross_attention_layers,
+    get_store,
     install_attention_capture,
     resolve_downsample,
 )
@@ -110,6 +113,33 @@ def test_early_stopped_pass_gives_identical_maps_and_gradients_flow():
         unet(z, t, enc)
     maps[0].sum().backward()
     assert enc.grad is not None and enc.grad.abs().sum() > 0
+
+
+def test_attention_only_copy_drops_unused_up_blocks_and_gives_the_same_maps():
+    unet = tiny_pipeline().unet
+    store = install_attention_capture(unet)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    prior = attention_only_copy(unet)
+    last_up = max(int(n.split(".")[1]) for n in store.layer_names if n.startswith("up_blocks."))
+    assert last_up < len(unet.up_blocks) - 1  # the tiny UNet has higher-resolution up blocks
+    kept = dict(prior.named_parameters())
+    assert kept and not any(p.requires_grad for p in kept.values())
+    assert not any(k.startswith(f"up_blocks.{last_up + 1}.") for k in kept)
+    assert set(kept) < set(dict(unet.named_parameters()))  # strictly fewer weights
+    # the original is untouched (same modules, same values) and still runs whole
+    after = unet.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    z, t, enc = _inputs()
+    w = torch.zeros(2, 77, 2)
+    w[:, 3, 0] = 1
+    w[:, 5:7, 1] = 0.5
+    with capturing(store, w) as full:
+        unet(z, t, enc)
+    with capturing(get_store(prior), w, stop_early=True) as early:
+        prior(z, t, enc)
+    assert torch.equal(full[0], early[0])
+    with pytest.raises(RuntimeError, match="attention-only UNet copy"):
+        prior(z, t, enc)
 
 
 def test_union_sampling_distribution_and_joint_flip():

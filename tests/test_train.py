@@ -191,6 +191,13 @@ def test_efficient_step_has_the_same_losses_and_gradients(phase, tiny_model, sce
         tr = Trainer(cfg, tmp_path / f"run{efficient}", progress=False)
         tr.orig_rows = tr.embedding[:49408].detach().clone()
         tr._setup_phase(phase)
+        if phase == 2 and efficient:  # the prior: no text-encoder copy, a partial UNet copy
+            assert tr.prior_te is None
+            possible = tr._possible_class_prompts()
+            assert len(possible) == 64 + 2  # 4 subjects: 64 ordered unions; 2 augmented items
+            assert set(tr.class_cache) == {tuple(p.input_ids.tolist()) for p in possible}
+            n_prior = sum(p.numel() for p in tr.prior_unet.parameters())
+            assert n_prior < sum(p.numel() for p in tr.unet.parameters())
         for s in range(2):  # the second step reuses the class-prompt cache
             tr.optimizer.zero_grad(set_to_none=True)
             out = tr.compute_gradients(s)

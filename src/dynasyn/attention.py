@@ -15,6 +15,7 @@ tokens (DESIGN.md, L_ICA).
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -190,6 +191,50 @@ def get_store(unet: torch.nn.Module) -> AttentionStore:
         if m is not None and hasattr(m, "_dynasyn_store"):
             return m._dynasyn_store
     raise RuntimeError("no attention capture installed on this UNet")
+
+
+class _Dropped(torch.nn.Module):
+    """Stands in for a UNet block that an early-stopped attention pass never reaches."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def _refuse(self) -> RuntimeError:
+        return RuntimeError(
+            f"{self.name} was left out of this attention-only UNet copy; it can only run "
+            "early-stopped passes (capturing(..., stop_early=True))"
+        )
+
+    @property
+    def resnets(self) -> None:  # the UNet reads this before calling the block
+        raise self._refuse()
+
+    def forward(self, *args: object, **kwargs: object) -> None:
+        raise self._refuse()
+
+
+def attention_only_copy(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """A frozen deep copy of ``unet`` without the up blocks after its last capture layer.
+
+    An early-stopped attention pass (:class:`EarlyStop`) ends inside the up block of the last
+    capture layer, so the blocks after it (the higher-resolution up blocks) are never run: the
+    copy omits their weights (they are never even copied), which is what a frozen prior model
+    for attention-only passes costs in memory. Running it without ``stop_early`` raises.
+    """
+    last = max(
+        (int(n.split(".")[1]) for n in get_store(unet).layer_names if n.startswith("up_blocks.")),
+        default=-1,
+    )
+    dropped = {i: unet.up_blocks[i] for i in range(last + 1, len(unet.up_blocks))}
+    for i in dropped:
+        unet.up_blocks[i] = _Dropped(f"up_blocks.{i}")
+    try:
+        prior = copy.deepcopy(unet)
+    finally:
+        for i, block in dropped.items():
+            unet.up_blocks[i] = block
+    return prior.requires_grad_(False)
 
 
 @contextmanager

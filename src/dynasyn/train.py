@@ -16,6 +16,7 @@ weights (no DDP wrapper: the set of trainable parameters changes between the pha
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import math
@@ -30,7 +31,13 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from dynasyn.attention import capturing, get_store, install_attention_capture, resolve_downsample
+from dynasyn.attention import (
+    attention_only_copy,
+    capturing,
+    get_store,
+    install_attention_capture,
+    resolve_downsample,
+)
 from dynasyn.augment.data import AugItem, load_augmented
 from dynasyn.checkpoint import list_checkpoints, load_optimizer, read_checkpoint, write_checkpoint
 from dynasyn.config import TrainConfig, atomic_write_text
@@ -62,6 +69,9 @@ EMBEDS = "learned_embeds.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TE_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+CLASS_PROMPT_LIMIT = 512
+"""At most this many distinct class prompts are encoded up front in full phase 2 (efficient
+mode), so that the frozen prior needs no text-encoder copy; more keep the copy."""
 
 
 @dataclass
@@ -174,8 +184,7 @@ class Trainer:
             if cfg.prior_model == "frozen" and not self.lora:
                 # the prior is the model as it was before phase 2 (UNet and text encoder
                 # untouched by phase 1 except placeholder rows, which class prompts never use)
-                self.prior_unet = copy.deepcopy(self.unet).requires_grad_(False)
-                self.prior_te = copy.deepcopy(self.text_encoder).requires_grad_(False)
+                self._freeze_prior()
             if self.lora:
                 from peft import LoraConfig
 
@@ -219,6 +228,55 @@ class Trainer:
         )
         self.params = [p for g in groups for p in g["params"]]
 
+    def _freeze_prior(self) -> None:
+        """Keep the model as it is now as the frozen prior of phase 2 (full fine-tuning).
+
+        Nothing is kept when no loss term reads the prior (no L_ICA, no L_AUG).
+        Straightforward (``efficient: false``): deep copies of the UNet and the text encoder.
+        Efficient: the UNet copy holds only what the early-stopped attention passes run
+        (:func:`~dynasyn.attention.attention_only_copy`), and the text encoder is not copied
+        at all when the class prompts the run can use are few enough
+        (:data:`CLASS_PROMPT_LIMIT`) to encode them all now; their embeddings are exactly the
+        ones the copy would give.
+        """
+        if self.lambdas["ica"] <= 0 and self.lambdas["aug"] <= 0:
+            return  # nothing reads the prior (Break-a-Scene, DreamBooth, the MD ablations)
+        if not self.cfg.efficient:
+            self.prior_unet = copy.deepcopy(self.unet).requires_grad_(False)
+            self.prior_te = copy.deepcopy(self.text_encoder).requires_grad_(False)
+            return
+        self.prior_unet = attention_only_copy(self.unet)
+        prompts = self._possible_class_prompts()
+        if prompts is None:
+            self.prior_te = copy.deepcopy(self.text_encoder).requires_grad_(False)
+            return
+        if prompts:
+            with torch.no_grad():
+                self._class_embeddings(self.text_encoder, prompts)
+        self.prior_te = None
+
+    def _possible_class_prompts(self) -> list[EncodedPrompt] | None:
+        """Every class prompt training can draw (scene unions in every order, augmented
+        items), or None when there are more than :data:`CLASS_PROMPT_LIMIT`."""
+        n, lam = self.n, self.lambdas
+        sizes = [1] if self.cfg.single_subject else range(1, n + 1)
+        count = sum(math.perm(n, k) for k in sizes) if lam["ica"] > 0 else 0
+        count += len(self.aug) if lam["aug"] > 0 else 0
+        if count > CLASS_PROMPT_LIMIT:
+            return None
+        prompts = []
+        if lam["ica"] > 0:
+            for k in sizes:
+                tpl = union_template(k, self.cfg.prompt_prefix)
+                for s in itertools.permutations(range(n), k):
+                    prompts.append(encode_template(self.tokenizer, tpl,
+                                                   [self.classes[i] for i in s]))
+        if lam["aug"] > 0:
+            for item in self.aug:
+                prompts.append(encode_template(self.tokenizer, item.template,
+                                               [self.classes[s] for s in item.subjects]))
+        return prompts
+
     # ------------------------------------------------------------------ prompts
     def _encode_text(self, text_encoder, prompts: list[EncodedPrompt]) -> torch.Tensor:
         ids = torch.stack([p.input_ids for p in prompts]).to(self.device)
@@ -251,6 +309,9 @@ class Trainer:
         for p in prompts:
             key = tuple(p.input_ids.tolist())
             if key not in self.class_cache:
+                if text_encoder is None:
+                    raise RuntimeError("a class prompt outside the precomputed set: "
+                                       f"{self.tokenizer.decode(p.input_ids)!r}")
                 self.class_cache[key] = self._encode_text(text_encoder, [p]).detach()
             out.append(self.class_cache[key])
         return torch.cat(out)

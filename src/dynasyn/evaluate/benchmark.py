@@ -12,6 +12,8 @@ The output directory holds one *cell* per (scene, preset, seed)::
     OUT/table3.md, table3.csv               the paper's Table 3: ablations MD, MD+App, MD+Act,
                                             MD+App+Act (= dynasyn), averaged over categories
     OUT/cells.csv                           every finished cell's per-category means
+    OUT/figure.png                          the methods side by side on the same prompts and
+                                            noise (first scene and seed; :func:`comparison_figure`)
 
 A cell is finished when ``eval/metrics.json`` exists; a rerun skips it, so an interrupted
 benchmark is resumed by running the same command again (a run without ``run.json`` is resumed
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from dynasyn.augment.pipeline import AugmentConfig, augment
 from dynasyn.checkpoint import list_checkpoints
@@ -51,6 +54,7 @@ from dynasyn.scene import load_scene
 from dynasyn.train import RUN_INFO, make_accelerator, train
 
 __all__ = [
+    "FIGURE",
     "ABLATION_LABELS",
     "COLUMNS",
     "MANIFEST",
@@ -58,6 +62,7 @@ __all__ = [
     "PAPER_TABLE1",
     "PAPER_TABLE3",
     "Cell",
+    "comparison_figure",
     "collect",
     "run_benchmark",
     "table1_markdown",
@@ -596,6 +601,72 @@ def _write_tables(out: Path, stats: dict[str, Any], categories: Sequence[str],
     return [out / name for name in files]
 
 
+FIGURE = "figure.png"
+"""Name of the benchmark's comparison figure in ``OUT``."""
+
+
+def comparison_figure(cells: Sequence[Cell], per_category: int = 2,
+                      scale: int | None = None) -> Image.Image | None:
+    """Methods side by side on the same prompts and noise: one row per preset, for the first
+    scene and seed that have finished cells — the reference photo, then the first image of the
+    first ``per_category`` prompts of every category (the prompts the first finished cell
+    evaluated; every cell uses the same evaluation seed). Pictures are scaled to ``scale``
+    pixels (default: their own size, at least 96) and captioned with the class-noun prompt and
+    the preset. Returns None when no cell has finished.
+    """
+    from PIL import ImageDraw
+
+    done = [c for c in cells if c.finished]
+    if not done:
+        return None
+    first = done[0]
+    row_cells: list[Cell] = []
+    for c in done:
+        if (c.scene, c.seed) == (first.scene, first.seed) and c.preset not in (
+                r.preset for r in row_cells):
+            row_cells.append(c)
+    records = json.loads((first.eval / METRICS_FILE).read_text())["prompts"]
+    picked: list[tuple[str, str]] = []  # (category, image path relative to eval/)
+    taken: dict[str, int] = {}
+    for rec in records:
+        if taken.get(rec["category"], 0) < per_category:
+            taken[rec["category"]] = taken.get(rec["category"], 0) + 1
+            picked.append((rec["class_prompt"], rec["images"][0]))
+    ref = load_scene(first.scene_dir).image
+    side = scale or max(96, ref.size[0] if ref.size[0] <= 256 else 256)
+    label_w, head_h = 110, 34
+    fig = Image.new("RGB", (label_w + side * (1 + len(picked)), head_h + side * len(row_cells)),
+                    "white")
+    draw = ImageDraw.Draw(fig)
+
+    def caption(x: int, text: str) -> None:
+        words, lines, line = text.split(), [], ""
+        for w in words:
+            if len(line) + len(w) + 1 > side // 6 and line:
+                lines.append(line)
+                line = w
+            else:
+                line = f"{line} {w}".strip()
+        lines.append(line)
+        for k, ln in enumerate(lines[:3]):
+            draw.text((x + 2, 1 + 11 * k), ln, fill="black")
+
+    caption(label_w, "reference")
+    for j, (text, _) in enumerate(picked):
+        caption(label_w + side * (j + 1), text)
+    for i, c in enumerate(row_cells):
+        y = head_h + side * i
+        draw.text((4, y + side // 2 - 6), c.preset, fill="black")
+        fig.paste(ref.convert("RGB").resize((side, side), Image.NEAREST), (label_w, y))
+        for j, (_, rel) in enumerate(picked):
+            path = c.eval / rel
+            if path.is_file():
+                with Image.open(path) as im:
+                    fig.paste(im.convert("RGB").resize((side, side), Image.NEAREST),
+                              (label_w + side * (j + 1), y))
+    return fig
+
+
 # ------------------------------------------------------------------------------ entry point
 
 
@@ -719,6 +790,13 @@ def run_benchmark(
               f"model: `{model}` · training: {_settings_text(settings['train'])} · "
               f"evaluation: {_settings_text(settings['evaluate'])}")
     files = _write_tables(out, stats, categories, header) if main else []
+    if main:
+        fig = comparison_figure(cells)
+        if fig is not None:
+            tmp = out / f".{FIGURE}.tmp"
+            fig.save(tmp, format="PNG")
+            os.replace(tmp, out / FIGURE)
+            files.append(out / FIGURE)
     state.wait_for_everyone()
     return {
         "out": str(out),

@@ -149,9 +149,9 @@ class StagePlan:
 
 
 PLAN: dict[str, StagePlan] = {
-    "vae": StagePlan(batch=16, steps=1200, lr=1e-3, share=12.0, seed_base=0),
-    "clip": StagePlan(batch=64, steps=5000, lr=5e-4, share=24.0, seed_base=300_000_000),
-    "unet": StagePlan(batch=32, steps=5800, lr=5e-4, share=77.0, seed_base=600_000_000),
+    "vae": StagePlan(batch=16, steps=2500, lr=1e-3, share=25.0, seed_base=0),
+    "clip": StagePlan(batch=64, steps=4000, lr=5e-4, share=20.0, seed_base=300_000_000),
+    "unet": StagePlan(batch=32, steps=5800, lr=5e-4, share=72.0, seed_base=600_000_000),
 }
 """The planned ≤ 2 hour CPU run (see the module docstring for the measurements)."""
 
