@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 from dynasyn.checkpoint import list_checkpoints
@@ -136,7 +137,12 @@ def test_check_runs_on_the_smoke_bundle(
     smoke: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     _, out = smoke
-    res = micro_check.run_check(n=4, weights=out, steps=2, progress=False)
+    png = out.parent / "samples.png"
+    res = micro_check.run_check(n=4, weights=out, steps=2, progress=False, samples_png=png)
+    fig = np.asarray(Image.open(png).convert("RGB"))
+    assert fig.shape == (2 * (2 * 128 + 48), 8 * 128, 3)
+    first = micro_check.heldout_captions(4)[0].image  # top-left: the world's render, 2x
+    assert np.array_equal(fig[:128:2, :128:2], first)
     assert set(res.clip) == set(micro_check.ATTRIBUTES)
     assert 0.0 <= res.sd["clip_overall"] <= 1.0
     assert res.renders["parser_class_colour"] >= 0.75  # ground truth parses

@@ -46,6 +46,8 @@ __all__ = [
     "clip_accuracy",
     "main",
     "run_check",
+    "heldout_captions",
+    "samples_figure",
     "sd_accuracy",
 ]
 
@@ -188,6 +190,40 @@ def sample_images(
     return np.concatenate(out)
 
 
+def heldout_captions(n: int) -> list[Render]:
+    """The ``n`` held-out scenes whose captions micro SD is sampled for (no grayscale)."""
+    return _heldout(_SD_SEEDS, n, lambda r: r.spec.background != "grayscale")
+
+
+def samples_figure(samples: np.ndarray, renders: list[Render], cols: int = 8,
+                   rows: int = 2, scale: int = 2) -> Any:
+    """A picture of the first ``cols * rows`` held-out captions: for each, the world's render
+    (top) above micro SD's sample (bottom), upscaled ``scale`` times, the caption under them."""
+    from PIL import Image, ImageDraw
+
+    side = 64 * scale
+    cap_h = 4 * 11 + 4
+    count = min(len(samples), cols * rows)
+    fig = Image.new("RGB", (cols * side, rows * (2 * side + cap_h)), "white")
+    draw = ImageDraw.Draw(fig)
+    for i in range(count):
+        x, y = (i % cols) * side, (i // cols) * (2 * side + cap_h)
+        for k, arr in enumerate((renders[i].image, samples[i])):
+            tile = Image.fromarray(np.asarray(arr)).resize((side, side), Image.NEAREST)
+            fig.paste(tile, (x, y + k * side))
+        words, lines, line = renders[i].caption("phrase").split(), [], ""
+        for w in words:
+            if line and len(line) + 1 + len(w) > side // 6:
+                lines.append(line)
+                line = w
+            else:
+                line = f"{line} {w}".strip()
+        lines.append(line)
+        for j, text in enumerate(lines[:4]):
+            draw.text((x + 2, y + 2 * side + 2 + 11 * j), text, fill="black")
+    return fig
+
+
 def sd_accuracy(
     judge: ClipJudge,
     sd_path: Path,
@@ -200,9 +236,10 @@ def sd_accuracy(
     """Micro SD samples of ``n`` held-out captions judged by micro CLIP and by the parser.
 
     Returns ``({"samples": {...}, "renders": {...}}, samples)``: the numbers of the samples
-    and of the ground-truth renders of the same captions, and the uint8 samples.
+    and of the ground-truth renders of the same captions, and the uint8 samples (in the order
+    of :func:`heldout_captions`).
     """
-    renders = _heldout(_SD_SEEDS, n, lambda r: r.spec.background != "grayscale")
+    renders = heldout_captions(n)
     captions = [r.caption("phrase") for r in renders]
     samples = sample_images(sd_path, captions, device, steps, guidance, progress=progress)
     truth = np.stack([r.image for r in renders])
@@ -325,13 +362,8 @@ def run_check(
     if sd:
         res, samples = sd_accuracy(judge, weights / "sd", n, device, steps, guidance, progress)
         sd_row, renders_row = res["samples"], res["renders"]
-        if samples_png is not None:
-            from PIL import Image
-
-            arr = samples[: 8 * (min(len(samples), 64) // 8)]
-            if len(arr):
-                grid = arr.reshape(-1, 8, *arr.shape[1:]).transpose(0, 2, 1, 3, 4)
-                Image.fromarray(grid.reshape(grid.shape[0] * 64, -1, 3)).save(samples_png)
+        if samples_png is not None and len(samples):
+            samples_figure(samples, heldout_captions(n)).save(samples_png)
     return CheckResult(clip, sd_row, renders_row,
                        {"n": n, "steps": steps, "guidance": guidance, "weights": str(weights)})
 
@@ -359,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     ap.add_argument("--samples-png", type=Path, default=None,
-                    help="save a grid of (up to 64) SD samples here")
+                    help="save the first 16 held-out captions' renders and SD samples here")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a gate fails")
     args = ap.parse_args(argv)
     quiet_libraries()
