@@ -1,6 +1,6 @@
 """Training-step cost per preset: median step time and peak memory, as ratios to Break-a-Scene.
 
-    python benchmarks/train_step.py                 # all tables (≈ 10 min on 2 CPU cores)
+    python benchmarks/train_step.py                 # all tables (≈ 6 min on 2 CPU cores)
     python benchmarks/train_step.py --models tiny   # quick look
 
 Every measurement runs in its own subprocess (so peak memory is not polluted by earlier runs)

@@ -612,7 +612,7 @@ def comparison_figure(cells: Sequence[Cell], per_category: int = 2,
     first ``per_category`` prompts of every category (the prompts the first finished cell
     evaluated; every cell uses the same evaluation seed). Pictures are scaled to ``scale``
     pixels (default: their own size, at least 96) and captioned with the class-noun prompt and
-    the preset. Returns None when no cell has finished.
+    the preset. Returns None when no cell has finished or its metrics list no images.
     """
     from PIL import ImageDraw
 
@@ -625,13 +625,17 @@ def comparison_figure(cells: Sequence[Cell], per_category: int = 2,
         if (c.scene, c.seed) == (first.scene, first.seed) and c.preset not in (
                 r.preset for r in row_cells):
             row_cells.append(c)
-    records = json.loads((first.eval / METRICS_FILE).read_text())["prompts"]
-    picked: list[tuple[str, str]] = []  # (category, image path relative to eval/)
+    records = json.loads((first.eval / METRICS_FILE).read_text()).get("prompts", [])
+    picked: list[tuple[str, str]] = []  # (class prompt, image path relative to eval/)
     taken: dict[str, int] = {}
     for rec in records:
+        if not rec.get("images") or "category" not in rec:
+            continue
         if taken.get(rec["category"], 0) < per_category:
             taken[rec["category"]] = taken.get(rec["category"], 0) + 1
-            picked.append((rec["class_prompt"], rec["images"][0]))
+            picked.append((rec.get("class_prompt", rec.get("prompt", "")), rec["images"][0]))
+    if not picked:
+        return None
     ref = load_scene(first.scene_dir).image
     side = scale or max(96, ref.size[0] if ref.size[0] <= 256 else 256)
     label_w, head_h = 110, 34
