@@ -96,13 +96,19 @@ def test_captured_maps_are_probabilities_and_output_unchanged():
     assert torch.equal(unet(z, t, enc).sample, ref)
 
 
+def _two_slot_weights() -> torch.Tensor:
+    """Token weights (2, 77, 2): slot 0 = token 3, slot 1 = the mean of tokens 5 and 6."""
+    w = torch.zeros(2, 77, 2)
+    w[:, 3, 0] = 1
+    w[:, 5:7, 1] = 0.5
+    return w
+
+
 def test_early_stopped_pass_gives_identical_maps_and_gradients_flow():
     unet = tiny_pipeline().unet
     store = install_attention_capture(unet)
     z, t, enc = _inputs()
-    w = torch.zeros(2, 77, 2)
-    w[:, 3, 0] = 1
-    w[:, 5:7, 1] = 0.5
+    w = _two_slot_weights()
     with capturing(store, w) as full:
         unet(z, t, enc)
     with capturing(store, w, stop_early=True) as early:
@@ -130,9 +136,7 @@ def test_attention_only_copy_drops_unused_up_blocks_and_gives_the_same_maps():
     after = unet.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     z, t, enc = _inputs()
-    w = torch.zeros(2, 77, 2)
-    w[:, 3, 0] = 1
-    w[:, 5:7, 1] = 0.5
+    w = _two_slot_weights()
     with capturing(store, w) as full:
         unet(z, t, enc)
     with capturing(get_store(prior), w, stop_early=True) as early:

@@ -6,6 +6,7 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -83,6 +84,22 @@ def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.I
     for i, im in enumerate(images):
         grid.paste(im, ((i % cols) * w, (i // cols) * h))
     return grid
+
+
+def draw_caption(draw: Any, xy: tuple[int, int], text: str, width: int,
+                 max_lines: int = 3) -> None:
+    """Write ``text`` word-wrapped to ``width`` pixels (PIL's default font, ~6 px a
+    character, 11 px a line) at ``xy`` on a ``PIL.ImageDraw`` canvas, at most ``max_lines``."""
+    lines, line = [], ""
+    for w in text.split():
+        if line and len(line) + 1 + len(w) > width // 6:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    lines.append(line)
+    for k, ln in enumerate(lines[:max_lines]):
+        draw.text((xy[0], xy[1] + 11 * k), ln, fill="black")
 
 
 def slug(text: str) -> str:

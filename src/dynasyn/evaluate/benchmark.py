@@ -616,6 +616,8 @@ def comparison_figure(cells: Sequence[Cell], per_category: int = 2,
     """
     from PIL import ImageDraw
 
+    from dynasyn.generate import draw_caption
+
     done = [c for c in cells if c.finished]
     if not done:
         return None
@@ -644,16 +646,7 @@ def comparison_figure(cells: Sequence[Cell], per_category: int = 2,
     draw = ImageDraw.Draw(fig)
 
     def caption(x: int, text: str) -> None:
-        words, lines, line = text.split(), [], ""
-        for w in words:
-            if len(line) + len(w) + 1 > side // 6 and line:
-                lines.append(line)
-                line = w
-            else:
-                line = f"{line} {w}".strip()
-        lines.append(line)
-        for k, ln in enumerate(lines[:3]):
-            draw.text((x + 2, 1 + 11 * k), ln, fill="black")
+        draw_caption(draw, (x + 2, 1), text, side)
 
     caption(label_w, "reference")
     for j, (text, _) in enumerate(picked):

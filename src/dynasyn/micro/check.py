@@ -201,6 +201,8 @@ def samples_figure(samples: np.ndarray, renders: list[Render], cols: int = 8,
     (top) above micro SD's sample (bottom), upscaled ``scale`` times, the caption under them."""
     from PIL import Image, ImageDraw
 
+    from dynasyn.generate import draw_caption
+
     side = 64 * scale
     cap_h = 4 * 11 + 4
     count = min(len(samples), cols * rows)
@@ -211,16 +213,7 @@ def samples_figure(samples: np.ndarray, renders: list[Render], cols: int = 8,
         for k, arr in enumerate((renders[i].image, samples[i])):
             tile = Image.fromarray(np.asarray(arr)).resize((side, side), Image.NEAREST)
             fig.paste(tile, (x, y + k * side))
-        words, lines, line = renders[i].caption("phrase").split(), [], ""
-        for w in words:
-            if line and len(line) + 1 + len(w) > side // 6:
-                lines.append(line)
-                line = w
-            else:
-                line = f"{line} {w}".strip()
-        lines.append(line)
-        for j, text in enumerate(lines[:4]):
-            draw.text((x + 2, y + 2 * side + 2 + 11 * j), text, fill="black")
+        draw_caption(draw, (x + 2, y + 2 * side + 2), renders[i].caption("phrase"), side, 4)
     return fig
 
 
