@@ -240,7 +240,7 @@ class Trainer:
         ones the copy would give.
         """
         if self.lambdas["ica"] <= 0 and self.lambdas["aug"] <= 0:
-            return  # nothing reads the prior (Break-a-Scene, DreamBooth, the MD ablations)
+            return  # nothing reads the prior (Break-a-Scene, DreamBooth, TI, MD)
         if not self.cfg.efficient:
             self.prior_unet = copy.deepcopy(self.unet).requires_grad_(False)
             self.prior_te = copy.deepcopy(self.text_encoder).requires_grad_(False)
