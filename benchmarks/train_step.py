@@ -1,6 +1,6 @@
 """Training-step cost per preset: median step time and peak memory, as ratios to Break-a-Scene.
 
-    python benchmarks/train_step.py                 # all tables (≈ 6 min on 2 CPU cores)
+    python benchmarks/train_step.py                 # all tables (≈ 16 min on 2 CPU cores)
     python benchmarks/train_step.py --models tiny   # quick look
 
 Every measurement runs in its own subprocess (so peak memory is not polluted by earlier runs)
@@ -9,8 +9,14 @@ on the same model and inputs: a two-subject scene and a two-item augmented direc
 phase). ``dynasyn (naive)`` is the straightforward implementation of the same losses
 (``efficient: false``: every pass runs the whole UNet, latents and class prompts are encoded
 at every step, one backward), shown so the gain of the optimizations is visible.
+``dynasyn (bf16 prior)`` keeps the frozen prior in bfloat16 under fp32 training
+(``prior_dtype: bfloat16``: approximate prior maps, about half the prior's memory). With
+``--precisions no,bf16`` (the default) Break-a-Scene and DynASyn are measured again under bf16
+mixed precision, where the frozen prior is stored in bf16 by default and is exact.
 
-Memory: on CUDA ``torch.cuda.max_memory_allocated`` during the measured steps; on CPU the peak
+Time: the median step time of a cell; every cell is measured ``--rounds`` times (default 2)
+in round-robin order and the fastest round is reported, so that a slow spell of a shared
+machine does not land on one preset only. Memory: on CUDA ``torch.cuda.max_memory_allocated`` during the measured steps; on CPU the peak
 resident set size sampled every millisecond during the measured steps. "step MB" is that peak
 minus the memory held before the steps (weights, optimizer state, caches): the memory a step
 itself needs. "total MB" is the whole peak, weights included.
@@ -36,8 +42,12 @@ from pathlib import Path
 
 import numpy as np
 
-PRESETS = ["break-a-scene", "dynasyn", "dynasyn (naive)", "md", "md+app", "md+act",
-           "dreambooth", "textual-inversion"]
+PRESETS = ["break-a-scene", "dynasyn", "dynasyn (naive)", "dynasyn (bf16 prior)", "md",
+           "md+app", "md+act", "dreambooth", "textual-inversion"]
+MIXED_PRESETS = ["break-a-scene", "dynasyn", "dynasyn (naive)"]
+"""Measured again under mixed precision (``--precisions``)."""
+VARIANTS = {"naive": {"efficient": False}, "bf16 prior": {"prior_dtype": "bfloat16"}}
+"""Row-name suffixes ``preset (variant)``: the config values that variant changes."""
 
 
 def _rss_mb() -> float:
@@ -115,9 +125,9 @@ def worker(args: argparse.Namespace) -> dict:
 
     quiet_libraries()
     torch.manual_seed(0)
-    preset = args.preset.replace(" (naive)", "")
+    preset, _, variant = args.preset.partition(" (")
     over = dict(model=args.model, scene=args.scene, augmented=args.aug,
-                efficient="naive" not in args.preset)
+                mixed_precision=args.mixed_precision, **VARIANTS.get(variant.rstrip(")"), {}))
     if args.resolution:
         over["resolution"] = args.resolution
     cfg = build_config(preset, overrides=over)
@@ -163,16 +173,23 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def run_one(model: str, preset: str, scene: Path, aug: Path, steps: int, warmup: int,
-            resolution: int | None = None) -> dict:
+            resolution: int | None = None, mixed_precision: str = "no") -> dict:
     cmd = [sys.executable, __file__, "--worker", "--model", model, "--preset", preset,
            "--scene", str(scene), "--aug", str(aug), "--steps", str(steps),
-           "--warmup", str(warmup)]
+           "--warmup", str(warmup), "--mixed-precision", mixed_precision]
     if resolution:
         cmd += ["--resolution", str(resolution)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{model} {preset} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def best_of(runs: list[dict]) -> dict:
+    """One cell from its rounds: the fastest median time, the largest memory figures."""
+    best = dict(min(runs, key=lambda r: r["time"]))
+    best.update(step_mb=max(r["step_mb"] for r in runs), total_mb=max(r["total_mb"] for r in runs))
+    return best
 
 
 def table(title: str, rows: list[tuple[str, dict]], ref: dict | None) -> str:
@@ -196,9 +213,15 @@ def main() -> None:
     p.add_argument("--scene")
     p.add_argument("--aug")
     p.add_argument("--resolution", type=int)
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=10, help="measured steps per cell (median)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--models", default="tiny,micro,sd21")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="measure every cell this many times, round-robin; report the fastest")
+    p.add_argument("--mixed-precision", default="no", help=argparse.SUPPRESS)
+    p.add_argument("--precisions", default="no,bf16",
+                   help="mixed-precision settings to measure (no = fp32; bf16 / fp16 repeat "
+                        f"{', '.join(MIXED_PRESETS)} with that autocast)")
     p.add_argument("--no-scaling", action="store_true", help="skip the scaling tables")
     args = p.parse_args()
     if args.worker:
@@ -222,12 +245,19 @@ def main() -> None:
             models["sd21 (¼ width, 256 px)"] = (str(save_sd21_shaped(root / "sd21")), 256)
     for label, (model, size) in models.items():
         scene, aug = make_inputs(root / label.split()[0], 2, size)
-        rows = []
-        for preset in PRESETS:
-            rows.append((preset, run_one(model, preset, scene, aug, args.steps, args.warmup)))
-            print(f"  {label}: {preset} done", file=sys.stderr)
-        ref = dict(rows)["break-a-scene"]
-        print(table(f"{label} — device {rows[0][1]['device']}", rows, ref) + "\n", flush=True)
+        for mp in args.precisions.split(","):
+            presets = PRESETS if mp == "no" else MIXED_PRESETS
+            runs: dict[str, list[dict]] = {p: [] for p in presets}
+            for r in range(args.rounds):  # round-robin: a slow spell of the machine hits
+                for preset in presets:    # one round of a cell, not all of them
+                    runs[preset].append(run_one(model, preset, scene, aug, args.steps,
+                                                args.warmup, mixed_precision=mp))
+                    print(f"  {label} ({mp}, round {r + 1}): {preset} done", file=sys.stderr)
+            rows = [(p, best_of(runs[p])) for p in presets]
+            ref = dict(rows)["break-a-scene"]
+            what = "fp32" if mp == "no" else f"mixed precision {mp}"
+            print(table(f"{label}, {what} — device {rows[0][1]['device']}", rows, ref) + "\n",
+                  flush=True)
     if args.no_scaling or "tiny" not in models:
         return
     tiny, _ = models["tiny"]

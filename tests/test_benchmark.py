@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -425,3 +426,20 @@ if __name__ == "__main__":
     from accelerate import debug_launcher
 
     debug_launcher(_worker, args=tuple(sys.argv[1:5]), num_processes=2)
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    """Tables and json are written via a private temporary file; the result is not private."""
+    from dynasyn.config import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "table1.md", "| a |\n")
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "private.md", "x\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "table1.md").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.md").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "table1.md").read_text() == "| a |\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

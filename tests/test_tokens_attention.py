@@ -17,6 +17,7 @@ from dynasyn.attention import (
     get_store,
     install_attention_capture,
     resolve_downsample,
+    store_weights_as,
 )
 from dynasyn.bpe import clip_tokenizer
 from dynasyn.sampling import maybe_flip, sample_union, step_generator, step_rng
@@ -144,6 +145,30 @@ def test_attention_only_copy_drops_unused_up_blocks_and_gives_the_same_maps():
     assert torch.equal(full[0], early[0])
     with pytest.raises(RuntimeError, match="attention-only UNet copy"):
         prior(z, t, enc)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_stored_prior_is_exact_under_autocast(dtype):
+    """Linear/conv weights stored in the autocast dtype: bit-identical maps, norms stay fp32."""
+    unet = tiny_pipeline().unet
+    store = install_attention_capture(unet)
+    prior = store_weights_as(attention_only_copy(unet), dtype)
+    assert prior.conv_in.weight.dtype == dtype and prior.time_embedding.linear_1.bias.dtype == dtype
+    assert prior.down_blocks[0].resnets[0].norm1.weight.dtype == torch.float32
+    full_bytes = sum(p.numel() * p.element_size() for p in attention_only_copy(unet).parameters())
+    half_bytes = sum(p.numel() * p.element_size() for p in prior.parameters())
+    assert half_bytes < 0.55 * full_bytes
+    z, t, enc = _inputs()
+    w = _two_slot_weights()
+    with torch.autocast("cpu", dtype=dtype):
+        with capturing(store, w) as full:
+            unet(z, t, enc)
+        with capturing(get_store(prior), w, stop_early=True) as early:
+            prior(z, t, enc)
+    assert torch.equal(full[0], early[0])
+    with capturing(store, w) as fp32:  # and without autocast the maps do differ
+        unet(z, t, enc)
+    assert not torch.equal(fp32[0], full[0].float())
 
 
 def test_union_sampling_distribution_and_joint_flip():

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
@@ -14,8 +15,9 @@ from transformers import CLIPTextModel
 
 from dynasyn.augment.data import write_item
 from dynasyn.config import build_config
-from dynasyn.errors import TrainingError
+from dynasyn.errors import InputError, TrainingError
 from dynasyn.presets import PRESETS
+from dynasyn.sampling import step_generator, step_rng
 from dynasyn.train import Trainer, train
 
 
@@ -33,6 +35,70 @@ def _base(model):
 def _same_state(a: torch.nn.Module, b: torch.nn.Module, skip: str | None = None) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return all(torch.equal(sa[k], sb[k]) for k in sa if skip is None or skip not in k)
+
+
+def _phase2_gradients(cfg, out, steps=2):
+    tr = Trainer(cfg, out, progress=False)
+    tr.orig_rows = tr.embedding[:49408].detach().clone()
+    tr._setup_phase(2)
+    for s in range(steps):
+        tr.optimizer.zero_grad(set_to_none=True)
+        logs = tr.compute_gradients(s)
+    return tr, logs, {i: p.grad.clone() for i, p in enumerate(tr.params) if p.grad is not None}
+
+
+def test_bf16_run_stores_an_exact_half_precision_prior(tiny_model, scene2, tmp_path):
+    """Under bf16 mixed precision the frozen prior is kept in bf16 (auto) and changes nothing:
+    same losses and gradients as the straightforward full fp32 copies."""
+    aug = _augmented(tmp_path / "aug", n=2)
+    out = []
+    AcceleratorState._reset_state(reset_partial_state=True)  # one process-wide state
+    try:
+        for efficient in (True, False):
+            cfg = _cfg(tiny_model, scene2, augmented=aug, efficient=efficient, lambda_aug=0.1,
+                       mixed_precision="bf16")
+            out.append(_phase2_gradients(cfg, tmp_path / f"run{efficient}"))
+    finally:  # the other tests run in fp32
+        AcceleratorState._reset_state(reset_partial_state=True)
+    (tr, logs, grads), (naive, nlogs, ngrads) = out
+    assert tr.prior_unet.conv_in.weight.dtype == torch.bfloat16
+    assert tr.prior_unet.conv_norm_out.weight.dtype == torch.float32
+    assert naive.prior_unet.conv_in.weight.dtype == torch.float32
+    assert set(logs) == {"md", "m2a", "ica", "aug", "loss"}
+    for k in logs:
+        assert logs[k] == pytest.approx(nlogs[k], rel=1e-5, abs=1e-8), k
+    assert grads.keys() == ngrads.keys() and grads
+    for i in grads:
+        assert torch.allclose(grads[i], ngrads[i], rtol=1e-3, atol=1e-6), i
+
+
+def test_prior_dtype_under_fp32_halves_the_prior_and_stays_close(tiny_model, scene2, tmp_path):
+    aug = _augmented(tmp_path / "aug", n=2)
+    runs = {}
+    for dt in ("float32", "bfloat16"):
+        cfg = _cfg(tiny_model, scene2, augmented=aug, lambda_aug=0.1, prior_dtype=dt)
+        runs[dt] = _phase2_gradients(cfg, tmp_path / dt, steps=1)
+    size = {dt: sum(p.numel() * p.element_size() for p in r[0].prior_unet.parameters())
+            for dt, r in runs.items()}
+    assert size["bfloat16"] < 0.55 * size["float32"]
+    a, b = runs["float32"][1], runs["bfloat16"][1]
+    assert a["md"] == b["md"] and a["m2a"] == b["m2a"]  # the trained passes are untouched
+    assert a["ica"] != b["ica"] and b["ica"] == pytest.approx(a["ica"], rel=0.05)
+    with pytest.raises(InputError, match="prior_dtype must be one of"):
+        _cfg(tiny_model, scene2, prior_dtype="half")
+
+
+def test_joint_prior_pass_equals_one_pass_each(tiny_model, scene2, tmp_path):
+    cfg = _cfg(tiny_model, scene2, augmented=_augmented(tmp_path / "aug", n=2), lambda_aug=0.1)
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    tr._setup_phase(2)
+    rng, gen = step_rng(0, 5, 0), step_generator(0, 5, 0)
+    batch, aug = tr.scene_batch(rng, gen), tr.aug_batch(rng, gen)
+    joint = tr.joint_prior_maps([batch, aug])
+    for m, b in zip(joint, (batch, aug), strict=True):
+        alone = tr.prior_maps(b["z"], b["t"], b["cl"], b["k"])
+        assert m.shape == alone.shape
+        assert torch.allclose(m, alone, atol=1e-6)
 
 
 def test_phase1_changes_only_placeholder_rows(tiny_model, scene2, tmp_path):

@@ -16,6 +16,9 @@ import yaml
 from dynasyn.errors import InputError
 from dynasyn.presets import PRESETS
 
+PRIOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""Valid ``prior_dtype`` values."""
+
 
 @dataclass
 class TrainConfig:
@@ -46,6 +49,10 @@ class TrainConfig:
     lambda_ica: float = 5e-3
     lambda_aug: float = 1e-4
     prior_model: str = "frozen"
+    # storage of the frozen prior (full phase 2): auto = the mixed-precision dtype (exact under
+    # its autocast), float32 without mixed precision; bfloat16 / float16 under fp32 training
+    # run the prior passes in that precision (approximate, about half the prior's memory)
+    prior_dtype: str = "auto"
     attention_downsample: int | None = None
     single_subject: bool = False
     flip_p: float = 0.5
@@ -88,6 +95,9 @@ class TrainConfig:
             raise InputError(f"optimizer must be 'adam' or 'adamw' (got {self.optimizer!r})")
         if self.prior_model not in ("frozen", "current"):
             raise InputError(f"prior_model must be 'frozen' or 'current' (got {self.prior_model!r})")
+        if self.prior_dtype not in PRIOR_DTYPES:
+            raise InputError(f"prior_dtype must be one of: {', '.join(PRIOR_DTYPES)} "
+                             f"(got {self.prior_dtype!r})")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise InputError("mixed_precision must be one of: no, fp16, bf16")
         return self
@@ -206,11 +216,21 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` under the process umask: what ``open()`` / ``mkdir()`` would give a new file
+    or directory (``tempfile.mkstemp`` / ``mkdtemp`` create theirs private, 0600 / 0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file via a temporary file in the same directory and a rename."""
+    """Write a text file via a temporary file in the same directory and a rename (the file
+    gets the usual permissions, not the temporary file's private ones)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.chmod(tmp, umask_mode())
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

@@ -37,6 +37,7 @@ from dynasyn.attention import (
     get_store,
     install_attention_capture,
     resolve_downsample,
+    store_weights_as,
 )
 from dynasyn.augment.data import AugItem, load_augmented
 from dynasyn.checkpoint import list_checkpoints, load_optimizer, read_checkpoint, write_checkpoint
@@ -246,6 +247,8 @@ class Trainer:
             self.prior_te = copy.deepcopy(self.text_encoder).requires_grad_(False)
             return
         self.prior_unet = attention_only_copy(self.unet)
+        if self.prior_dtype != torch.float32:
+            store_weights_as(self.prior_unet, self.prior_dtype)
         prompts = self._possible_class_prompts()
         if prompts is None:
             self.prior_te = copy.deepcopy(self.text_encoder).requires_grad_(False)
@@ -254,6 +257,22 @@ class Trainer:
             with torch.no_grad():
                 self._class_embeddings(self.text_encoder, prompts)
         self.prior_te = None
+
+    @property
+    def prior_dtype(self) -> torch.dtype:
+        """Storage dtype of the frozen prior UNet (``prior_dtype``; auto = the mixed-precision
+        dtype, whose autocast makes the half-precision copy exact)."""
+        name = self.cfg.prior_dtype
+        if name == "auto":
+            name = {"fp16": "float16", "bf16": "bfloat16"}.get(self.cfg.mixed_precision, "float32")
+        return getattr(torch, name)
+
+    def _prior_autocast(self, unet):
+        """Autocast of a prior pass: the run's, or the prior's half precision under fp32."""
+        half = next(unet.parameters()).dtype
+        if half == torch.float32 or self.cfg.mixed_precision != "no":
+            return self.acc.autocast()
+        return torch.autocast(self.device.type, dtype=half)
 
     def _possible_class_prompts(self) -> list[EncodedPrompt] | None:
         """Every class prompt training can draw (scene unions in every order, augmented
@@ -323,10 +342,20 @@ class Trainer:
         with self._prior() as (unet, te):
             enc = self._class_embeddings(te, prompts)
             w = token_weights(prompts, num_slots).to(z.device)
-            with self.acc.autocast(), capturing(get_store(unet), w,
-                                                stop_early=self.cfg.efficient) as maps:
+            with self._prior_autocast(unet), capturing(get_store(unet), w,
+                                                       stop_early=self.cfg.efficient) as maps:
                 unet(z, t, enc)
-        return maps[0]
+        return maps[0] if self.cfg.mixed_precision != "no" else maps[0].float()
+
+    def joint_prior_maps(self, batches: list[dict]) -> list[torch.Tensor]:
+        """Â of several batches in one batched prior pass (the scene's and the augmented
+        item's): the same maps as one :meth:`prior_maps` pass each, one UNet call."""
+        k = max(b["k"] for b in batches)
+        maps = self.prior_maps(torch.cat([b["z"] for b in batches]),
+                               torch.cat([b["t"] for b in batches]),
+                               [p for b in batches for p in b["cl"]], k)
+        sizes = [b["z"].shape[0] for b in batches]
+        return [m[:, : b["k"]] for m, b in zip(maps.split(sizes), batches, strict=True)]
 
     # ------------------------------------------------------------------ one step
     def _noisy(self, lat: _Latents | list[_Latents], gen: torch.Generator):
@@ -372,8 +401,10 @@ class Trainer:
         return dict(subsets=subsets, ph=ph, cl=cl, masks=masks.to(dev), valid=valid.to(dev),
                     union=union.to(dev), z=z, t=t, target=target, k=k)
 
-    def scene_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """λ_MD L_MD + λ_M2A L_M2A + λ_ICA L_ICA on a union-sampled scene batch."""
+    def scene_loss(self, batch: dict, prior: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """λ_MD L_MD + λ_M2A L_M2A + λ_ICA L_ICA on a union-sampled scene batch (``prior``:
+        the batch's Â when already computed)."""
         lam = self.lambdas
         enc = self._encode_text(self.text_encoder, batch["ph"])
         w = token_weights(batch["ph"], batch["k"]).to(self.device)
@@ -386,12 +417,13 @@ class Trainer:
         if lam["m2a"] > 0:
             terms["m2a"] = m2a_loss(maps[0], batch["masks"], batch["valid"])
         if lam["ica"] > 0:
-            prior = self.prior_maps(batch["z"], batch["t"], batch["cl"], batch["k"])
+            if prior is None:
+                prior = self.prior_maps(batch["z"], batch["t"], batch["cl"], batch["k"])
             terms["ica"] = ica_loss(maps[0], prior, batch["masks"], batch["valid"])
         return total_loss(terms, lam), terms
 
-    def aug_term(self, rng, gen) -> torch.Tensor:
-        """L_AUG on one augmented item (attention only, early-stopped passes)."""
+    def aug_batch(self, rng, gen) -> dict:
+        """Draw one augmented item: its prompts, masks and noisy latent."""
         j = rng.randrange(len(self.aug))
         item = self.aug[j]
         lat = self.aug_latents[j] if self.cfg.efficient else self._encode(item.image)
@@ -401,12 +433,19 @@ class Trainer:
         cl = [encode_template(self.tokenizer, item.template, [self.classes[s] for s in item.subjects])]
         masks = resize_masks(item.masks, self.att_size)[None].to(self.device)
         valid = torch.ones(1, k, device=self.device)
+        return dict(ph=ph, cl=cl, masks=masks, valid=valid, z=z, t=t, k=k)
+
+    def aug_term(self, batch: dict, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """L_AUG on one augmented item (attention only, early-stopped passes; ``prior``: its
+        Â when already computed)."""
+        ph, k = batch["ph"], batch["k"]
         enc = self._encode_text(self.text_encoder, ph)
         with self.acc.autocast(), capturing(self.store, token_weights(ph, k).to(self.device),
                                             stop_early=self.cfg.efficient) as maps:
-            self.unet(z, t, enc)
-        prior = self.prior_maps(z, t, cl, k)
-        return aug_loss(maps[0], prior, masks, valid)
+            self.unet(batch["z"], batch["t"], enc)
+        if prior is None:
+            prior = self.prior_maps(batch["z"], batch["t"], batch["cl"], k)
+        return aug_loss(maps[0], prior, batch["masks"], batch["valid"])
 
     def step(self, gstep: int) -> dict[str, float]:
         """One optimizer step (global step index ``gstep``); returns the loss terms."""
@@ -420,10 +459,15 @@ class Trainer:
         proc = self.acc.process_index
         rng, gen = step_rng(self.cfg.seed, gstep, proc), step_generator(self.cfg.seed, gstep, proc)
         batch = self.scene_batch(rng, gen)  # always drawn: the random stream stays the same
+        aug = self.aug_batch(rng, gen) if self.lambdas["aug"] > 0 else None
+        scene_on = any(self.lambdas[k] > 0 for k in ("md", "m2a", "ica"))
+        priors: list[torch.Tensor | None] = [None, None]
+        if self.cfg.efficient and aug is not None and scene_on and self.lambdas["ica"] > 0:
+            priors = self.joint_prior_maps([batch, aug])  # one prior pass for both
         logs: dict[str, float] = {"loss": 0.0}
         pending: list[torch.Tensor] = []
-        if any(self.lambdas[k] > 0 for k in ("md", "m2a", "ica")):
-            loss, terms = self.scene_loss(batch)
+        if scene_on:
+            loss, terms = self.scene_loss(batch, priors[0])
             self._check_finite(loss, terms, gstep)
             if self.cfg.efficient:
                 self.acc.backward(loss)  # frees the scene graph before the L_AUG passes
@@ -431,8 +475,8 @@ class Trainer:
                 pending.append(loss)
             logs.update({k: float(v.detach()) for k, v in terms.items()})
             logs["loss"] = float(loss.detach())
-        if self.lambdas["aug"] > 0:
-            la = self.aug_term(rng, gen)
+        if aug is not None:
+            la = self.aug_term(aug, priors[1])
             self._check_finite(la, {"aug": la}, gstep)
             if self.cfg.efficient:
                 self.acc.backward(self.lambdas["aug"] * la)

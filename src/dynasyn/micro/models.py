@@ -56,6 +56,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from dynasyn.config import umask_mode
 from dynasyn.errors import InputError
 
 __all__ = [
@@ -386,6 +387,7 @@ def save_bundle(
         if not all(p is not None for p in sd_parts):
             raise ValueError("the SD bundle needs vae, unet and text_encoder together")
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-sd-", dir=out))
+        tmp.chmod(umask_mode(0o777))
         pipe = assemble_pipeline(vae, unet, text_encoder, tok)  # type: ignore[arg-type]
         pipe.save_pretrained(tmp, safe_serialization=True)
         shutil.rmtree(tmp / "tokenizer")
@@ -395,6 +397,7 @@ def save_bundle(
         written["sd"] = out / "sd"
     if clip is not None:
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-clip-", dir=out))
+        tmp.chmod(umask_mode(0o777))
         clip.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(tok, tmp)
         proc = micro_image_processor().to_dict()
