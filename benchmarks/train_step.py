@@ -1,7 +1,7 @@
 """Training-step cost per preset: median step time and peak memory, as ratios to Break-a-Scene.
 
     python benchmarks/train_step.py                 # all tables (≈ 16 min on 2 CPU cores)
-    python benchmarks/train_step.py --models tiny   # quick look
+    python benchmarks/train_step.py --models tiny --no-scaling --rounds 1   # quick look
 
 Every measurement runs in its own subprocess (so peak memory is not polluted by earlier runs)
 on the same model and inputs: a two-subject scene and a two-item augmented directory. Phase 2
@@ -16,8 +16,10 @@ mixed precision, where the frozen prior is stored in bf16 by default and is exac
 
 Time: the median step time of a cell; every cell is measured ``--rounds`` times (default 2)
 in round-robin order and the fastest round is reported, so that a slow spell of a shared
-machine does not land on one preset only. Memory: on CUDA ``torch.cuda.max_memory_allocated`` during the measured steps; on CPU the peak
-resident set size sampled every millisecond during the measured steps. "step MB" is that peak
+machine does not land on one preset only.
+
+Memory: on CUDA ``torch.cuda.max_memory_allocated`` during the measured steps; on CPU the
+peak resident set size sampled every millisecond during the measured steps. "step MB" is that peak
 minus the memory held before the steps (weights, optimizer state, caches): the memory a step
 itself needs. "total MB" is the whole peak, weights included.
 

@@ -462,7 +462,7 @@ class Trainer:
         aug = self.aug_batch(rng, gen) if self.lambdas["aug"] > 0 else None
         scene_on = any(self.lambdas[k] > 0 for k in ("md", "m2a", "ica"))
         priors: list[torch.Tensor | None] = [None, None]
-        if self.cfg.efficient and aug is not None and scene_on and self.lambdas["ica"] > 0:
+        if self.cfg.efficient and aug is not None and self.lambdas["ica"] > 0:
             priors = self.joint_prior_maps([batch, aug])  # one prior pass for both
         logs: dict[str, float] = {"loss": 0.0}
         pending: list[torch.Tensor] = []
