@@ -146,6 +146,8 @@ def test_check_runs_on_the_smoke_bundle(
     assert set(res.clip) == set(micro_check.ATTRIBUTES)
     assert 0.0 <= res.sd["clip_overall"] <= 1.0
     assert res.renders["parser_class_colour"] >= 0.75  # ground truth parses
+    assert set(res.reconstructions) == set(res.renders)  # the VAE round trip, judged alike
+    assert "VAE rec." in res.table()
     assert micro_check.main(["--n", "2", "--steps", "1", "--weights", str(out),
                              "--clip-only"]) == 0
     assert "micro CLIP" in capsys.readouterr().out
@@ -172,3 +174,16 @@ def test_bundled_micro_model_loads_offline_and_samples(monkeypatch) -> None:
     assert clip.config.text_config.vocab_size == 49408
     total = sum(f.stat().st_size for f in micro_model_path().parent.rglob("*") if f.is_file())
     assert total <= 25 * 2**20
+
+
+@pytest.mark.skipif(not _BUNDLED.exists(), reason="the micro model is not bundled yet")
+def test_bundled_vae_reconstructs_renders() -> None:
+    """The check's "VAE rec." column: the bundled VAE's round trip keeps a render's pixels."""
+    renders = micro_check.heldout_captions(6)
+    truth = np.stack([r.image for r in renders])
+    rec = micro_check.vae_reconstructions(_BUNDLED.parent, truth, torch.device("cpu"))
+    assert rec.shape == truth.shape and rec.dtype == np.uint8
+    err = np.abs(rec.astype(np.int16) - truth.astype(np.int16)).mean()
+    assert err < 8.0, err
+    other = np.abs(rec.astype(np.int16) - truth[::-1].astype(np.int16)).mean()
+    assert other > 2 * err  # each decoding follows its own render

@@ -17,7 +17,8 @@ scenes (world seeds ``>= 10**9``; training uses seeds below):
      when every subject of its caption is found with the right colour *and* class; gate:
      >= 60 %.
    The same judges on the ground-truth renders of the same captions are printed beside them
-   (what a perfect generator would score).
+   (what a perfect generator would score), and on those renders after a round trip through
+   the micro SD's VAE (encode, decode: what a perfect UNet could score with this decoder).
 
 It reports; the exit status is 0 unless ``--strict`` is given and a gate fails (then 1).
 """
@@ -49,6 +50,7 @@ __all__ = [
     "heldout_captions",
     "samples_figure",
     "sd_accuracy",
+    "vae_reconstructions",
 ]
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
@@ -190,6 +192,23 @@ def sample_images(
     return np.concatenate(out)
 
 
+@torch.no_grad()
+def vae_reconstructions(sd_path: Path, images: np.ndarray, device: torch.device,
+                        batch: int = 100) -> np.ndarray:
+    """uint8 decodings of the micro SD VAE's latents (posterior means) of uint8 ``images``:
+    the most a sample of this VAE can show of a render."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(sd_path / "vae", dtype=torch.float32).to(device).eval()
+    out = []
+    for i in range(0, len(images), batch):
+        x = images_to_tensor(list(images[i : i + batch])).to(device)
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        out.append(((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu()
+                   .numpy())
+    return np.concatenate(out)
+
+
 def heldout_captions(n: int) -> list[Render]:
     """The ``n`` held-out scenes whose captions micro SD is sampled for (no grayscale)."""
     return _heldout(_SD_SEEDS, n, lambda r: r.spec.background != "grayscale")
@@ -228,16 +247,18 @@ def sd_accuracy(
 ) -> tuple[dict[str, dict[str, float]], np.ndarray]:
     """Micro SD samples of ``n`` held-out captions judged by micro CLIP and by the parser.
 
-    Returns ``({"samples": {...}, "renders": {...}}, samples)``: the numbers of the samples
-    and of the ground-truth renders of the same captions, and the uint8 samples (in the order
-    of :func:`heldout_captions`).
+    Returns ``({"samples": {...}, "renders": {...}, "reconstructions": {...}}, samples)``: the
+    numbers of the samples, of the ground-truth renders of the same captions and of those
+    renders passed through the VAE (:func:`vae_reconstructions`), and the uint8 samples (in
+    the order of :func:`heldout_captions`).
     """
     renders = heldout_captions(n)
     captions = [r.caption("phrase") for r in renders]
     samples = sample_images(sd_path, captions, device, steps, guidance, progress=progress)
     truth = np.stack([r.image for r in renders])
+    recon = vae_reconstructions(sd_path, truth, device)
     result: dict[str, dict[str, float]] = {}
-    for name, images in (("samples", samples), ("renders", truth)):
+    for name, images in (("samples", samples), ("renders", truth), ("reconstructions", recon)):
         row: dict[str, float] = {}
         hits = total = 0
         for attribute in ATTRIBUTES:
@@ -267,6 +288,8 @@ class CheckResult:
     sd: dict[str, float]
     renders: dict[str, float]
     settings: dict[str, Any] = field(default_factory=dict)
+    reconstructions: dict[str, float] = field(default_factory=dict)
+    """The judges on the renders after a VAE round trip (what the decoder can show)."""
 
     @property
     def gates(self) -> dict[str, bool]:
@@ -297,20 +320,18 @@ class CheckResult:
                 "",
                 f"micro SD: {s.get('n')} held-out captions, DDIM {s.get('steps')} steps, "
                 f"guidance {s.get('guidance')}",
-                f"  {'judge':<26}{'samples':>10}{'renders':>10}{'gate':>9}",
+                f"  {'judge':<26}{'samples':>10}{'renders':>10}{'VAE rec.':>10}{'gate':>9}",
             ]
-            for a in ATTRIBUTES:
-                if a in self.sd:
-                    lines.append(f"  {'CLIP ' + a:<26}{_pct(self.sd[a]):>10}"
-                                 f"{_pct(self.renders[a]):>10}")
-            v = self.sd["clip_overall"]
-            lines.append(f"  {'CLIP overall':<26}{_pct(v):>10}"
-                         f"{_pct(self.renders['clip_overall']):>10}"
-                         f"{_gate(v, GATES['sd_clip']):>9}")
-            v = self.sd["parser_class_colour"]
-            lines.append(f"  {'parser class + colour':<26}{_pct(v):>10}"
-                         f"{_pct(self.renders['parser_class_colour']):>10}"
-                         f"{_gate(v, GATES['sd_parser']):>9}")
+
+            def row(label: str, key: str, gate: float | None = None) -> str:
+                rec = self.reconstructions.get(key)
+                return (f"  {label:<26}{_pct(self.sd[key]):>10}{_pct(self.renders[key]):>10}"
+                        f"{'-' if rec is None else _pct(rec):>10}"
+                        + ("" if gate is None else f"{_gate(self.sd[key], gate):>9}"))
+
+            lines += [row("CLIP " + a, a) for a in ATTRIBUTES if a in self.sd]
+            lines.append(row("CLIP overall", "clip_overall", GATES["sd_clip"]))
+            lines.append(row("parser class + colour", "parser_class_colour", GATES["sd_parser"]))
         lines += ["", "all gates hold" if self.passed else
                   "gates failing: " + ", ".join(k for k, ok in self.gates.items() if not ok)]
         return "\n".join(lines)
@@ -318,7 +339,8 @@ class CheckResult:
     def to_json(self) -> dict[str, Any]:
         """The numbers, settings and gates as JSON-ready data."""
         return {"clip": self.clip, "sd": self.sd, "renders": self.renders,
-                "settings": self.settings, "gates": self.gates, "passed": self.passed}
+                "reconstructions": self.reconstructions, "settings": self.settings,
+                "gates": self.gates, "passed": self.passed}
 
 
 def _pct(v: float) -> str:
@@ -352,13 +374,15 @@ def run_check(
     clip = clip_accuracy(judge, n)
     sd_row: dict[str, float] = {}
     renders_row: dict[str, float] = {}
+    recon_row: dict[str, float] = {}
     if sd:
         res, samples = sd_accuracy(judge, weights / "sd", n, device, steps, guidance, progress)
-        sd_row, renders_row = res["samples"], res["renders"]
+        sd_row, renders_row, recon_row = res["samples"], res["renders"], res["reconstructions"]
         if samples_png is not None and len(samples):
             samples_figure(samples, heldout_captions(n)).save(samples_png)
     return CheckResult(clip, sd_row, renders_row,
-                       {"n": n, "steps": steps, "guidance": guidance, "weights": str(weights)})
+                       {"n": n, "steps": steps, "guidance": guidance, "weights": str(weights)},
+                       recon_row)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,13 @@ or a micro SD sample — can be read without any learned model:
   subjects of a scene distinct colours); in grayscale images, connected components instead;
 - **shape** = best IoU of the subject's silhouette (holes of outline drawings filled), cropped
   to its bounding box and resized to 24x24, against every class's silhouette under every pose
-  the world uses (upright, upside down, lying, tilted); the winning pose is reported too;
+  the world uses (upright, upside down, lying, tilted), each also in *rounded* variants
+  (Gaussian-blurred, cut at 0.5) of up to :data:`MAX_BLUR_PX` = 1.5 image pixels of blur at
+  the subject's size: a VAE decoding rounds corners about that much, and with sharp templates
+  only, a rounded star reads as a pyramid or heart (on the micro VAE's reconstructions of
+  held-out renders, every subject right in 60.5 % of scenes with sharp templates, 69.5 % with
+  the rounded ones; on the renders themselves 96.5 % and 95.0 %); the winning pose is
+  reported too;
 - **pattern** = plain when under 6% of the subject is half-bright, else the best agreement of
   the half-bright map with the class's striped / dotted / checkered maps in that pose;
 - **position** = centroid, bounding box and area in pixels.
@@ -29,7 +35,7 @@ one subject, plain background, any action        100 %   99.7 %  98.7 %
 one subject, grass / night / beach, any action   100 %   99.7 %  98.7 %
 one subject, sketch (outline only)               100 %   86.3 %  n/a
 one subject, grayscale                           n/a     99.7 %  n/a
-two subjects, plain, any relation (per subject)  100 %   94.2 %  96.2 %
+two subjects, plain, any relation (per subject)  100 %   94.2 %  96.8 %
 ===============================================  ======  ======  =======
 
 Whole-image parsing (:func:`parse_image`, no masks given), colour + shape of every subject:
@@ -191,14 +197,33 @@ def _frame_grid(angle: float, vflip: bool, n: int = 96) -> tuple[np.ndarray, ...
     return inv[0, 0] * dx + inv[0, 1] * dy, inv[1, 0] * dx + inv[1, 1] * dy
 
 
+BLUR_LEVELS: tuple[float, ...] = (0.0, 2.0, 3.5, 5.0, 7.0, 10.0)
+"""Gaussian sigmas (in the 96-pixel template frame) of the rounded template variants."""
+
+MAX_BLUR_PX = 1.5
+"""The most blur (Gaussian sigma, image pixels) a silhouette may show and still match a class:
+a VAE decoding rounds corners by about this much, which makes small stars read as pentagons."""
+
+_FRAME = 96
+
+
+def _gaussian_matrix(n: int, sigma: float) -> np.ndarray:
+    """(n, n) matrix ``G`` with ``G @ x`` = 1-D Gaussian blur of x (zero padding)."""
+    d = np.arange(n)[:, None] - np.arange(n)[None, :]
+    g = np.exp(-0.5 * (d / sigma) ** 2)
+    return (g / g.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
 @lru_cache(maxsize=1)
-def _templates() -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-    """Normalized silhouettes (K, T*T) and pattern maps (K, P, T*T) of every class and pose."""
-    shapes, patterns, keys = [], [], []
+def _templates() -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]], np.ndarray]:
+    """Silhouettes (K, L, T*T) of every class and pose at every :data:`BLUR_LEVELS` (blurred,
+    then cut at 0.5: corners rounded as a blurred picture's are), pattern maps (K, P, T*T) and
+    the sharp silhouettes' bounding-box side in the template frame (K,)."""
+    shapes, patterns, keys, sides = [], [], [], []
     for shape in SHAPES:
         canon = canonical_mask(shape)
         for pose, angle, vflip in POSES:
-            u, v = _frame_grid(angle, vflip)
+            u, v = _frame_grid(angle, vflip, _FRAME)
             iu = np.floor((u + 1) * (CANON / 2)).astype(np.intp)
             iv = np.floor((v + 1) * (CANON / 2)).astype(np.intp)
             ok = (iu >= 0) & (iu < CANON) & (iv >= 0) & (iv < CANON)
@@ -208,10 +233,21 @@ def _templates() -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
                 dark = _pattern(pat, u, v)
                 assert dark is not None
                 maps.append(_normalize(m, dark & m)[1].ravel())
-            shapes.append(_normalize(m)[0].ravel())
+            levels = []
+            for sigma in BLUR_LEVELS:
+                mb = m
+                if sigma > 0:
+                    g = _gaussian_matrix(_FRAME, sigma)
+                    mb = (g @ m.astype(np.float32) @ g.T) >= 0.5
+                    if not mb.any():
+                        mb = m
+                levels.append(_normalize(mb)[0].ravel())
+            ys, xs = np.nonzero(m)
+            sides.append(max(ys.max() - ys.min(), xs.max() - xs.min()) + 1)
+            shapes.append(np.stack(levels))
             patterns.append(np.stack(maps))
             keys.append((shape, pose))
-    return np.stack(shapes), np.stack(patterns), keys
+    return np.stack(shapes), np.stack(patterns), keys, np.asarray(sides, dtype=np.float32)
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
@@ -251,12 +287,19 @@ def parse_subject(
     filled = _fill_holes(mask)
     if mask.sum() < 0.6 * filled.sum():  # an outline drawing: compare the filled shape
         silhouette = filled
-    shp, pats, keys = _templates()
+    shp_all, pats, keys, sides = _templates()
     obs_mask, obs_dark = _normalize(silhouette, dark & mask)
     o = obs_mask.ravel().astype(np.float32)
-    tf = shp.astype(np.float32)
+    tf = shp_all.astype(np.float32)  # (K, L, T*T)
     inter = tf @ o
-    iou = inter / (tf.sum(axis=1) + o.sum() - inter)
+    iou_l = inter / (tf.sum(axis=2) + o.sum() - inter)  # (K, L)
+    # a template may be rounded by up to MAX_BLUR_PX image pixels, at this subject's scale
+    ys, xs = np.nonzero(silhouette)
+    obs_side = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+    allowed = np.asarray(BLUR_LEVELS)[None, :] <= (MAX_BLUR_PX * sides / obs_side)[:, None]
+    level = np.where(allowed, iou_l, -1.0).argmax(axis=1)  # (K,)
+    iou = iou_l[np.arange(len(keys)), level]
+    shp = shp_all[np.arange(len(keys)), 0]  # the sharp silhouettes (pattern regions)
     best = int(iou.argmax())
     shape, pose = keys[best]
 
