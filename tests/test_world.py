@@ -292,6 +292,30 @@ def test_parser_reads_blurred_renders(monkeypatch: pytest.MonkeyPatch) -> None:
     assert rounded >= 0.92 and rounded >= sharp + 0.05, (rounded, sharp)
 
 
+def test_parser_reads_faded_sketches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decoding fades a sketch's 1-px outlines towards the paper, off every colour's
+    brightness ray: the background blend model still names their colour, and grayscale
+    subjects still get none."""
+    import dynasyn.micro.parse as parse
+
+    def accuracy(background: str) -> tuple[float, int]:
+        ok = coloured = 0
+        for seed in range(40):
+            rng = np.random.default_rng([seed, 11])
+            spec = world.sample_spec(rng, 1, p_action=0.0, backgrounds=(background,),
+                                     p_plain_background=0.0)
+            got = parse_image(_blur(world.render(spec, seed=seed).image, 1.0))
+            s = spec.subjects[0]
+            ok += any((g["colour"], g["shape"]) == (s.colour, s.shape) for g in got)
+            coloured += any(g["colour"] is not None for g in got)
+        return ok / 40, coloured
+
+    faded, _ = accuracy("sketch")
+    assert accuracy("grayscale")[1] == 0
+    monkeypatch.setattr(parse, "blend_colour", lambda image, mask: None)
+    assert faded >= 0.85 and accuracy("sketch")[0] == 0.0, faded
+
+
 def test_label_components() -> None:
     m = np.zeros((8, 8), dtype=bool)
     m[1:3, 1:3] = True
