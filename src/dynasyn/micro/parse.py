@@ -381,10 +381,9 @@ def parse_image(image: np.ndarray, min_area: int = 8) -> list[dict[str, object]]
     """All subjects of ``image``, left to right (by centroid x); see :func:`parse_subject`.
 
     A colour image gives one subject per palette colour covering at least ``min_area``
-    foreground pixels; an image with (almost) no
-    palette pixels — grayscale, or a sketch whose outlines a decoding has faded — one subject
-    per connected component of the foreground of at least ``min_area`` pixels, coloured by
-    :func:`blend_colour` (None in grayscale).
+    foreground pixels; an image with (almost) no palette pixels (grayscale, or a sketch whose
+    outlines a decoding has faded) one subject per connected component of the foreground of
+    at least ``min_area`` pixels, coloured by :func:`blend_colour` (None in grayscale).
     """
     img = np.asarray(image)
     fg = foreground(img)
