@@ -122,6 +122,60 @@ def test_resume_continues_the_step_count(
     assert json.loads((work / "vae" / "final" / "done.json").read_text())["step"] == 2
 
 
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_continuation_from_bundle_and_decoder_fine_tuning(
+    smoke: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    _, built = smoke
+    out = tmp_path / "out"
+    shutil.copytree(built, out)
+    sd = out / "sd"
+    before = {p: _tensors(sd / p) for p in ("unet/diffusion_pytorch_model.safetensors",
+                                            "vae/diffusion_pytorch_model.safetensors")}
+    common = [*SMOKE, "--work", str(tmp_path / "work"), "--out", str(out)]
+    # --from-bundle starts from the bundled UNet: with lr 0 it comes back bit-identical
+    assert micro_train.main([*common, "--stage", "unet", "--from-bundle", "--lr", "0"]) == 0
+    unet = _tensors(sd / "unet/diffusion_pytorch_model.safetensors")
+    ref = before["unet/diffusion_pytorch_model.safetensors"]
+    assert unet.keys() == ref.keys() and all(torch.equal(unet[k], ref[k]) for k in ref)
+    # the decoder stage changes the decoder and leaves the encoder (the UNet's latents) alone
+    assert micro_train.main([*common, "--stage", "decoder", "--steps", "2"]) == 0
+    vae = _tensors(sd / "vae/diffusion_pytorch_model.safetensors")
+    ref = before["vae/diffusion_pytorch_model.safetensors"]
+    enc = [k for k in ref if k.startswith(("encoder.", "quant_conv."))]
+    dec = [k for k in ref if k.startswith(("decoder.", "post_quant_conv."))]
+    assert enc and all(torch.equal(vae[k], ref[k]) for k in enc)
+    assert sum(not torch.equal(vae[k], ref[k]) for k in dec) > len(dec) // 2
+    # a decoder tuned on another encoder is not bundled with this UNet
+    from diffusers import AutoencoderKL
+
+    tuned = tmp_path / "work" / "decoder" / "final"
+    other = AutoencoderKL.from_pretrained(tuned)
+    with torch.no_grad():
+        other.encoder.conv_in.weight.add_(0.5)
+    other.save_pretrained(tuned)
+    capsys.readouterr()
+    micro_train.export_bundle(tmp_path / "work", out)
+    assert "another encoder" in capsys.readouterr().err
+    vae = _tensors(sd / "vae/diffusion_pytorch_model.safetensors")
+    assert torch.equal(vae["encoder.conv_in.weight"], ref["encoder.conv_in.weight"])
+
+
+def test_from_bundle_needs_a_bundle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = micro_train.main([*SMOKE, "--stage", "unet", "--from-bundle",
+                             "--work", str(tmp_path / "w"), "--out", str(tmp_path / "none")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no bundled model at" in err[0]
+    assert not (tmp_path / "w").exists()
+
+
 def test_batches_are_deterministic_with_hard_negatives() -> None:
     tok = micro_train.micro_tokenizer()
     ds = micro_train.ClipBatches(4, tok)
