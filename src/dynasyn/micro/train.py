@@ -1,4 +1,4 @@
-"""Train the micro models from scratch on the micro world: VAE, micro CLIP, micro SD.
+r"""Train the micro models from scratch on the micro world: VAE, micro CLIP, micro SD.
 
 Three stages, run in this order by ``--stage all`` (the default):
 
@@ -66,9 +66,14 @@ unet   32     0.75        5,800            72 min
 A first plan (VAE 1,200 steps) gave a VAE whose reconstructions lost patterns and small
 shapes (51 % of held-out subjects parsed back), so the VAE got twice the time.
 Total 117 min of training plus about a minute of exports. The full CPU training, the
-command that builds the bundled weights (``src/dynasyn/micro/weights/``)::
+command that builds the bundled weights (``src/dynasyn/micro/weights/``), with the two
+continuations the bundle then got (micro CLIP to 5,500 steps; the UNet + text encoder for
+45 more minutes; see the README's "The micro world" for what each measured)::
 
     python -m dynasyn.micro.train --stage all --minutes 117 --device cpu
+    python -m dynasyn.micro.train --stage clip --resume --steps 5500 --minutes 32 --device cpu
+    python -m dynasyn.micro.train --stage unet --from-bundle --lr 2e-4 --compile \
+        --minutes 45 --device cpu --work runs/micro-continue
 
 A killed run continues with the same command plus ``--resume`` (Ctrl-C writes a checkpoint
 first). ``--minutes`` is the total budget of the stages run, shared in proportion to the
