@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from dynasyn.checkpoint import list_checkpoints
+from dynasyn.checkpoint import list_checkpoints, read_checkpoint
 from dynasyn.micro import check as micro_check
 from dynasyn.micro import train as micro_train
 from dynasyn.micro.models import (
@@ -87,6 +87,8 @@ def test_smoke_bundle_loads_and_samples(smoke: tuple[Path, Path]) -> None:
     assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float32
     assert pipe.tokenizer.model_max_length == MAX_TOKENS and len(pipe.tokenizer) == 49408
     assert pipe.vae.config.scaling_factor != 1.0  # measured from the latents
+    # no trace of the training machine's directories in the configs
+    assert not [f for f in (out / "sd").rglob("config.json") if "_name_or_path" in f.read_text()]
     pipe.set_progress_bar_config(disable=True)
     img = pipe("a red striped star is jumping", num_inference_steps=2,
                generator=torch.Generator().manual_seed(0), output_type="np").images
@@ -141,10 +143,16 @@ def test_continuation_from_bundle_and_decoder_fine_tuning(
                                             "vae/diffusion_pytorch_model.safetensors")}
     common = [*SMOKE, "--work", str(tmp_path / "work"), "--out", str(out)]
     # --from-bundle starts from the bundled UNet: with lr 0 it comes back bit-identical
-    assert micro_train.main([*common, "--stage", "unet", "--from-bundle", "--lr", "0"]) == 0
+    assert micro_train.main([*common, "--stage", "unet", "--from-bundle", "--lr", "0",
+                             "--continuation", "3"]) == 0
     unet = _tensors(sd / "unet/diffusion_pytorch_model.safetensors")
     ref = before["unet/diffusion_pytorch_model.safetensors"]
     assert unet.keys() == ref.keys() and all(torch.equal(unet[k], ref[k]) for k in ref)
+    # the third continuation's checkpoint says so; a resume draws the same shifted seeds
+    state = read_checkpoint(list_checkpoints(tmp_path / "work" / "unet" / "checkpoints")[-1])[0]
+    assert state["from_bundle"] and state["continuation"] == 3
+    assert micro_train.batch_seeds("unet", 0, 2, 3 * micro_train.CONTINUATION_SEED_OFFSET) == [
+        micro_train.PLAN["unet"].seed_base + 150_000_000 + i for i in range(2)]
     # the decoder stage changes the decoder and leaves the encoder (the UNet's latents) alone
     assert micro_train.main([*common, "--stage", "decoder", "--steps", "2"]) == 0
     vae = _tensors(sd / "vae/diffusion_pytorch_model.safetensors")
@@ -173,6 +181,11 @@ def test_from_bundle_needs_a_bundle(tmp_path: Path, capsys: pytest.CaptureFixtur
                              "--work", str(tmp_path / "w"), "--out", str(tmp_path / "none")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no bundled model at" in err[0]
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(SystemExit) as e:  # argparse: usage and one error line, exit 2
+        micro_train.main([*SMOKE, "--stage", "unet", "--from-bundle", "--continuation", "9",
+                          "--work", str(tmp_path / "w"), "--out", str(tmp_path / "none")])
+    assert e.value.code == 2 and "--continuation must be 1 to 5" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
 
 

@@ -346,6 +346,15 @@ def _to_fp16_files(root: Path) -> None:
         save_file(half, str(f), metadata=meta)
 
 
+def _drop_local_paths(root: Path) -> None:
+    """Remove ``_name_or_path`` (the directory a model was loaded from on the machine that
+    trained it) from every ``config.json`` under ``root``: it is no part of the model."""
+    for f in root.rglob("config.json"):
+        cfg = json.loads(f.read_text())
+        if cfg.pop("_name_or_path", None) is not None:
+            f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
     """Move the finished ``tmp`` to ``final``, replacing any previous content.
 
@@ -393,6 +402,7 @@ def save_bundle(
         shutil.rmtree(tmp / "tokenizer")
         save_tokenizer(tok, tmp / "tokenizer")
         _to_fp16_files(tmp)
+        _drop_local_paths(tmp)
         _replace_dir(tmp, out / "sd")
         written["sd"] = out / "sd"
     if clip is not None:

@@ -133,6 +133,7 @@ __all__ = [
     "HELDOUT_SEED",
     "PLAN",
     "STAGES",
+    "MAX_CONTINUATION",
     "TRAIN_SEED_LIMIT",
     "StagePlan",
     "export_bundle",
@@ -149,8 +150,12 @@ EXTRA_STAGES: tuple[str, ...] = ("decoder",)
 latents (after ``unet``: the latents the UNet learned stay the same)."""
 
 CONTINUATION_SEED_OFFSET = 50_000_000
-"""``--from-bundle`` runs draw their world seeds (and step noise) this far from a fresh run's,
-so a continuation sees scenes the bundled weights were not trained on."""
+"""``--from-bundle`` runs draw their world seeds (and step noise) ``--continuation`` times this
+far from a fresh run's, so a continuation sees scenes the bundled weights were not trained on
+(the second continuation of a bundle passes ``--continuation 2``, and so on)."""
+
+MAX_CONTINUATION = 5
+"""Continuations 1 .. 5 keep a stage's seeds inside its own 300,000,000-wide band."""
 
 TRAIN_SEED_LIMIT = 10**9
 """Training renders use seeds below this; held-out checks use seeds from it on."""
@@ -825,13 +830,14 @@ def train_stage(
     from_bundle: bool = False,
     lr: float | None = None,
     compile: bool = False,
+    continuation: int = 1,
 ) -> StageResult:
     """Train one stage for ``steps`` (default: the plan) or ``seconds``, whichever ends first.
 
     Resumes from the stage's latest checkpoint with ``resume``; refuses to overwrite existing
     checkpoints unless ``resume`` or ``fresh``. Exports the fp32 result to ``work/name/final``.
     ``from_bundle`` starts a new run from the bundled weights under ``out`` instead of from
-    scratch (a continuation: fresh optimizer, world seeds shifted by
+    scratch (a continuation: fresh optimizer, world seeds shifted by ``continuation`` x
     :data:`CONTINUATION_SEED_OFFSET`); ``lr`` replaces the plan's base learning rate;
     ``compile`` runs the stage's main module through ``torch.compile``.
     """
@@ -855,8 +861,8 @@ def train_stage(
     seed_base = plan.seed_base
     if from_bundle:
         stage.load_bundle()
-        stage.seed_offset = CONTINUATION_SEED_OFFSET
-        seed_base += CONTINUATION_SEED_OFFSET
+        stage.seed_offset = continuation * CONTINUATION_SEED_OFFSET
+        seed_base += stage.seed_offset
     if compile:
         stage.compile()
     models = stage.trained()
@@ -873,11 +879,11 @@ def train_stage(
         # (Optimizer.load_state_dict moves the state to the parameters' device itself)
         load_optimizer(opt, opt_tensors, state["optimizer"])
         start, elapsed = int(state["step"]), float(state["elapsed"])
-        if bool(state.get("from_bundle", False)) != from_bundle:
-            # a continuation stays one: its data comes from the shifted seeds
-            from_bundle = bool(state.get("from_bundle", False))
-            stage.seed_offset = CONTINUATION_SEED_OFFSET if from_bundle else 0
-            seed_base = plan.seed_base + stage.seed_offset
+        # a continuation stays one (and the same one): its data comes from the shifted seeds
+        from_bundle = bool(state.get("from_bundle", False))
+        continuation = int(state.get("continuation", 1))
+        stage.seed_offset = continuation * CONTINUATION_SEED_OFFSET if from_bundle else 0
+        seed_base = plan.seed_base + stage.seed_offset
         if int(state.get("batch", batch)) != batch:
             print(f"warning: resuming {name} with batch {batch} (was {state['batch']})",
                   file=sys.stderr)
@@ -890,7 +896,8 @@ def train_stage(
             weights["ema"] = stage.ema.shadow
         write_checkpoint(ckdir, f"step-{step:07d}", weights, opt,
                          {"stage": name, "step": step, "elapsed": elapsed, "batch": batch,
-                          "steps": steps, "from_bundle": from_bundle})
+                          "steps": steps, "from_bundle": from_bundle,
+                          "continuation": continuation})
 
     warmup = min(200, max(1, steps // 10))
     for mod in models.values():
@@ -1040,6 +1047,7 @@ def train(
     from_bundle: bool = False,
     lr: float | None = None,
     compile: bool = False,
+    continuation: int = 1,
 ) -> dict[str, Path]:
     """Run ``stages`` in order (time budget shared by :attr:`StagePlan.share`), then write the
     bundle. Returns the written bundle directories."""
@@ -1053,7 +1061,8 @@ def train(
                           seconds=max(seconds, 0.0), resume=resume, fresh=fresh, device=device,
                           ckpt_minutes=ckpt_minutes, workers=workers, progress=progress,
                           eval_samples=eval_samples, preview_steps=preview_steps,
-                          from_bundle=from_bundle, lr=lr, compile=compile)
+                          from_bundle=from_bundle, lr=lr, compile=compile,
+                          continuation=continuation)
         used += res.elapsed
     written = export_bundle(work, out)
     for k, p in written.items():
@@ -1106,6 +1115,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-bundle", action="store_true",
                     help="continue the bundled weights under --out (fresh optimizer, new "
                     "world seeds) instead of starting from scratch")
+    ap.add_argument("--continuation", type=int, default=1, metavar="N",
+                    help="with --from-bundle: the N-th continuation of this bundle; its world "
+                    f"seeds are shifted N x {CONTINUATION_SEED_OFFSET:,} (default 1)")
     ap.add_argument("--lr", type=float, default=None,
                     help="base learning rate of the stages run (default: the plan's)")
     ap.add_argument("--compile", action="store_true",
@@ -1115,6 +1127,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.resume and args.fresh:
         ap.error("--resume and --fresh exclude each other")
+    if not 1 <= args.continuation <= MAX_CONTINUATION:
+        ap.error(f"--continuation must be 1 to {MAX_CONTINUATION} (stages' seeds lie "
+                 f"{PLAN['clip'].seed_base:,} apart)")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available; use --device cpu",
               file=sys.stderr)
@@ -1144,7 +1159,8 @@ def main(argv: list[str] | None = None) -> int:
               batch=args.batch, resume=args.resume, fresh=args.fresh, device=device,
               ckpt_minutes=args.ckpt_minutes, workers=workers, progress=not args.no_progress,
               eval_samples=args.eval_samples, preview_steps=args.preview_steps,
-              from_bundle=args.from_bundle, lr=args.lr, compile=args.compile)
+              from_bundle=args.from_bundle, lr=args.lr, compile=args.compile,
+              continuation=args.continuation)
     except KeyboardInterrupt:
         return 130
     return 0
