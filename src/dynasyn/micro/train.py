@@ -34,9 +34,10 @@ One more stage runs only by name (``--stage decoder``, not part of ``all``):
 
 **Continuations** (``--from-bundle``): a stage starts from the bundled weights under ``--out``
 instead of from scratch: a new run with a fresh optimizer (warm-up, cosine decay), its world
-seeds and step noise shifted by :data:`CONTINUATION_SEED_OFFSET` (scenes the bundle was not
-trained on), usually with a lower ``--lr``. Use another ``--work`` than the run that built
-the bundle (or ``--fresh``, which deletes that stage's checkpoints there).
+seeds and step noise shifted by ``--continuation`` (default 1) x
+:data:`CONTINUATION_SEED_OFFSET`, so each continuation of a bundle trains on scenes no earlier
+run saw, usually with a lower ``--lr``. Use another ``--work`` than the run that built the
+bundle (or ``--fresh``, which deletes that stage's checkpoints there).
 
 Data is rendered on the fly and fully determined by the step: training seeds are
 ``< 10**9`` (held-out checks use seeds ``>= 10**9``, :mod:`dynasyn.micro.check`); the noise of
@@ -66,14 +67,21 @@ unet   32     0.75        5,800            72 min
 A first plan (VAE 1,200 steps) gave a VAE whose reconstructions lost patterns and small
 shapes (51 % of held-out subjects parsed back), so the VAE got twice the time.
 Total 117 min of training plus about a minute of exports. The full CPU training, the
-command that builds the bundled weights (``src/dynasyn/micro/weights/``), with the two
-continuations the bundle then got (micro CLIP to 5,500 steps; the UNet + text encoder for
-45 more minutes; see the README's "The micro world" for what each measured)::
+command that builds the bundled weights (``src/dynasyn/micro/weights/``), with the
+continuations the bundle then got (micro CLIP to 5,500 steps; the UNet + text encoder three
+times, for 45, 92.5 and @M3@ more minutes; see the README's "The micro world" for what each
+measured)::
 
     python -m dynasyn.micro.train --stage all --minutes 117 --device cpu
     python -m dynasyn.micro.train --stage clip --resume --steps 5500 --minutes 32 --device cpu
     python -m dynasyn.micro.train --stage unet --from-bundle --lr 2e-4 --compile \
         --minutes 45 --device cpu --work runs/micro-continue
+    python -m dynasyn.micro.train --stage unet --from-bundle --continuation 2 --lr 2e-4 \
+        --compile --minutes 100 --device cpu --work runs/micro-continue-2
+    python -m dynasyn.micro.train --stage unet --from-bundle --continuation 3 --lr 2e-4 \
+        --compile --minutes 40 --device cpu --work runs/micro-continue-3
+
+(the second of the UNet continuations stopped at the plan's 5,800 steps, after 92.5 min).
 
 A killed run continues with the same command plus ``--resume`` (Ctrl-C writes a checkpoint
 first). ``--minutes`` is the total budget of the stages run, shared in proportion to the
