@@ -69,7 +69,7 @@ shapes (51 % of held-out subjects parsed back), so the VAE got twice the time.
 Total 117 min of training plus about a minute of exports. The full CPU training, the
 command that builds the bundled weights (``src/dynasyn/micro/weights/``), with the
 continuations the bundle then got (micro CLIP to 5,500 steps; the UNet + text encoder three
-times, for 45, 92.5 and @M3@ more minutes; see the README's "The micro world" for what each
+times, for 45, 92.5 and 40 more minutes; see the README's "The micro world" for what each
 measured)::
 
     python -m dynasyn.micro.train --stage all --minutes 117 --device cpu
