@@ -200,6 +200,29 @@ def test_batches_are_deterministic_with_hard_negatives() -> None:
     assert max(seeds) < micro_train.TRAIN_SEED_LIMIT <= micro_check.HELDOUT_SEED
 
 
+def test_hard_negatives_give_every_subject_a_pattern_negative_and_a_pattern_swap() -> None:
+    from dynasyn.micro.world import Identity, SceneSpec, caption_for, parse_caption
+
+    spec = SceneSpec((Identity("star", "red", "striped"), Identity("ball", "blue", "dotted")),
+                     relation="next to")
+    negs = micro_train.hard_negatives(spec, "phrase", np.random.default_rng(0))
+    true = [(m.shape, m.colour, m.pattern) for m in parse_caption(caption_for(spec, "phrase")).subjects]
+    diffs = []  # (subject index, attribute) for every negative that differs in patterns only
+    for c in negs:
+        got = [(m.shape, m.colour, m.pattern) for m in parse_caption(c).subjects]
+        if [g[:2] for g in got] == [t[:2] for t in true] and got != true:
+            diffs.append(tuple(i for i, (g, t) in enumerate(zip(got, true, strict=True)) if g != t))
+    assert (0,) in diffs and (1,) in diffs  # each subject's pattern changed on its own
+    assert "a red dotted star is next to a blue striped ball" in negs  # the binding swap
+    assert len(negs) == len(set(negs)) and caption_for(spec, "phrase") not in negs
+    # patterns a caption or a render does not show get no pattern negatives
+    for mode, bg in (("class", "plain"), ("phrase", "sketch"), ("phrase", "grayscale")):
+        s = SceneSpec(spec.subjects, relation="next to", background=bg)
+        negs = micro_train.hard_negatives(s, mode, np.random.default_rng(0))
+        pats = {m.pattern for c in negs for m in parse_caption(c).subjects}
+        assert pats <= {m.pattern for m in parse_caption(caption_for(s, mode)).subjects}
+
+
 def test_check_runs_on_the_smoke_bundle(
     smoke: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

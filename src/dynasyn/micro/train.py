@@ -13,8 +13,10 @@ Three stages, run in this order by ``--stage all`` (the default):
    InfoNCE) on world image/caption pairs; every image also competes against *hard negative*
    captions that differ from its own in one attribute (class, colour, pattern, action,
    relation, background — :func:`dynasyn.micro.world.distractor`) and, for pairs, the caption
-   with the two colours swapped (binding). Captions are full identity phrases (70 %), class
-   nouns (15 %) or colour + noun (15 %); identical strings are never counted as negatives.
+   with the two colours swapped (binding). Patterns get more (:func:`hard_negatives`): a
+   pattern negative for every subject and, with two or three subjects, two subjects' patterns
+   swapped. Captions are full identity phrases (70 %), class nouns (15 %) or colour + noun
+   (15 %); identical strings are never counted as negatives.
 3. ``unet`` — micro SD: the UNet (:func:`~dynasyn.micro.models.micro_unet`) from scratch and the
    text encoder *initialized from micro CLIP's text tower* (same config) and trained jointly
    with it at a lower learning rate (1e-4 vs 5e-4): the contrastive tower already separates
@@ -105,7 +107,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,7 @@ from dynasyn.micro.models import (
     text_encoder_from_clip,
 )
 from dynasyn.micro.world import (
+    PATTERNS,
     Identity,
     SceneSpec,
     caption_for,
@@ -273,7 +276,12 @@ def _caption_mode(seed: int) -> str:
 def hard_negatives(spec: SceneSpec, mode: str, rng: np.random.Generator) -> list[str]:
     """Captions (in ``mode``) differing from ``spec``'s in one attribute, plus the colour swap
     of a pair; duplicates of the true caption and differences the render cannot show (colour
-    in grayscale, pattern in grayscale or sketch) are left out."""
+    in grayscale, pattern in grayscale or sketch) are left out.
+
+    Patterns, the attribute micro CLIP learned last (small subjects show a few pixels of
+    them), get more: every subject of a scene gets a pattern negative of its own (not only
+    one random subject), and a scene of two or three subjects also the caption with the
+    patterns of two subjects swapped (binding, as the colour swap)."""
     true = caption_for(spec, mode)
     hidden = {"grayscale": {"colour", "pattern"}, "sketch": {"pattern"}}.get(spec.background, set())
     out: list[str] = []
@@ -286,9 +294,31 @@ def hard_negatives(spec: SceneSpec, mode: str, rng: np.random.Generator) -> list
     if len(spec.subjects) == 2 and mode != "class" and "colour" not in hidden:
         a, b = spec.subjects
         swapped = (Identity(a.shape, b.colour, a.pattern), Identity(b.shape, a.colour, b.pattern))
-        out.append(caption_for(SceneSpec(swapped, spec.action, spec.relation, spec.background),
-                               mode))
+        out.append(caption_for(replace(spec, subjects=swapped), mode))
+    if mode == "phrase" and "pattern" not in hidden:
+        out.extend(caption_for(d, mode) for d in _pattern_negatives(spec, rng))
     return [c for c in dict.fromkeys(out) if c != true]
+
+
+def _pattern_negatives(spec: SceneSpec, rng: np.random.Generator) -> list[SceneSpec]:
+    """``spec`` with one subject's pattern changed, for every subject; and, with two or three
+    subjects, the patterns of the first two that differ swapped."""
+    subjects = spec.subjects
+    out = []
+    for i, s in enumerate(subjects):
+        options = [p for p in PATTERNS if p != s.pattern]
+        changed = list(subjects)
+        changed[i] = Identity(s.shape, s.colour, options[rng.integers(len(options))])
+        out.append(replace(spec, subjects=tuple(changed)))
+    pairs = [(i, j) for i in range(len(subjects)) for j in range(i + 1, len(subjects))
+             if subjects[i].pattern != subjects[j].pattern]
+    if pairs:
+        i, j = pairs[rng.integers(len(pairs))]
+        swapped = list(subjects)
+        swapped[i] = Identity(subjects[i].shape, subjects[i].colour, subjects[j].pattern)
+        swapped[j] = Identity(subjects[j].shape, subjects[j].colour, subjects[i].pattern)
+        out.append(replace(spec, subjects=tuple(swapped)))
+    return out
 
 
 class ClipBatches(Dataset):
