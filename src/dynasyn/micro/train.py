@@ -70,8 +70,9 @@ A first plan (VAE 1,200 steps) gave a VAE whose reconstructions lost patterns an
 shapes (51 % of held-out subjects parsed back), so the VAE got twice the time.
 Total 117 min of training plus about a minute of exports. The full CPU training, the
 command that builds the bundled weights (``src/dynasyn/micro/weights/``), with the
-continuations the bundle then got (micro CLIP to 5,500 steps; the UNet + text encoder three
-times, for 45, 92.5 and 40 more minutes; see the README's "The micro world" for what each
+continuations the bundle then got (micro CLIP to 5,500 steps; the UNet + text encoder four
+times, for 45, 92.5, 40 and 85 more minutes; micro CLIP from the bundle for 45 more minutes,
+with the extra pattern negatives; see the README's "The micro world" for what each
 measured)::
 
     python -m dynasyn.micro.train --stage all --minutes 117 --device cpu
@@ -82,6 +83,10 @@ measured)::
         --compile --minutes 100 --device cpu --work runs/micro-continue-2
     python -m dynasyn.micro.train --stage unet --from-bundle --continuation 3 --lr 2e-4 \
         --compile --minutes 40 --device cpu --work runs/micro-continue-3
+    python -m dynasyn.micro.train --stage unet --from-bundle --continuation 4 --lr 2e-4 \
+        --compile --minutes 85 --device cpu --work runs/micro-continue-4
+    python -m dynasyn.micro.train --stage clip --from-bundle --lr 3e-4 --steps 12000 \
+        --minutes 45 --device cpu --work runs/micro-clip-continue
 
 (the second of the UNet continuations stopped at the plan's 5,800 steps, after 92.5 min).
 
