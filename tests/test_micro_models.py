@@ -207,7 +207,7 @@ def test_hard_negatives_give_every_subject_a_pattern_negative_and_a_pattern_swap
                      relation="next to")
     negs = micro_train.hard_negatives(spec, "phrase", np.random.default_rng(0))
     true = [(m.shape, m.colour, m.pattern) for m in parse_caption(caption_for(spec, "phrase")).subjects]
-    diffs = []  # (subject index, attribute) for every negative that differs in patterns only
+    diffs = []  # indices of the changed subjects, for every negative that differs in patterns only
     for c in negs:
         got = [(m.shape, m.colour, m.pattern) for m in parse_caption(c).subjects]
         if [g[:2] for g in got] == [t[:2] for t in true] and got != true:

@@ -307,7 +307,7 @@ def hard_negatives(spec: SceneSpec, mode: str, rng: np.random.Generator) -> list
 
 def _pattern_negatives(spec: SceneSpec, rng: np.random.Generator) -> list[SceneSpec]:
     """``spec`` with one subject's pattern changed, for every subject; and, with two or three
-    subjects, the patterns of the first two that differ swapped."""
+    subjects, the patterns of a random pair of subjects whose patterns differ swapped."""
     subjects = spec.subjects
     out = []
     for i, s in enumerate(subjects):
