@@ -70,8 +70,8 @@ A first plan (VAE 1,200 steps) gave a VAE whose reconstructions lost patterns an
 shapes (51 % of held-out subjects parsed back), so the VAE got twice the time.
 Total 117 min of training plus about a minute of exports. The full CPU training, the
 command that builds the bundled weights (``src/dynasyn/micro/weights/``), with the
-continuations the bundle then got (micro CLIP to 5,500 steps; the UNet + text encoder four
-times, for 45, 92.5, 40 and 85 more minutes; micro CLIP from the bundle for 45 more minutes,
+continuations the bundle then got (micro CLIP to 5,500 steps; the UNet + text encoder five
+times, for 45, 92.5, 40, 85 and 112 more minutes; micro CLIP from the bundle for 45 more minutes,
 with the extra pattern negatives; see the README's "The micro world" for what each
 measured)::
 
@@ -87,6 +87,8 @@ measured)::
         --compile --minutes 85 --device cpu --work runs/micro-continue-4
     python -m dynasyn.micro.train --stage clip --from-bundle --lr 3e-4 --steps 12000 \
         --minutes 45 --device cpu --work runs/micro-clip-continue
+    python -m dynasyn.micro.train --stage unet --from-bundle --continuation 5 --lr 2e-4 \
+        --compile --minutes 112 --device cpu --work runs/micro-continue-5
 
 (the second of the UNet continuations stopped at the plan's 5,800 steps, after 92.5 min).
 
