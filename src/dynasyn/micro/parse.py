@@ -392,14 +392,10 @@ MAIN_PART_FRACTION = 0.25
 def main_parts(mask: np.ndarray, fraction: float = MAIN_PART_FRACTION) -> np.ndarray:
     """``mask`` without its stray parts: the pixels of the 8-connected parts of ``mask``
     (bridged over 1-pixel gaps) with at least ``fraction`` of the largest part's pixels."""
+    from dynasyn.augment.masks import dilate  # it imports this module
+
     mask = np.asarray(mask, dtype=bool)
-    pad = np.pad(mask, 1)
-    H, W = mask.shape
-    grown = np.zeros_like(mask)
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
-            grown |= pad[dy : dy + H, dx : dx + W]
-    comps, n = label_components(grown)
+    comps, n = label_components(dilate(mask))
     if n <= 1:
         return mask
     sizes = np.bincount(comps[mask], minlength=n + 1)
