@@ -1,6 +1,6 @@
 """Render the bundled example scenes of the micro world into ``examples/``.
 
-Each example is a scene directory (DESIGN.md, "Formats"): ``img.png``, ``mask{i}.png`` (8-bit L,
+Each example is a scene directory (docs/formats.md): ``img.png``, ``mask{i}.png`` (8-bit L,
 white = subject) and ``scene.json`` with the class noun and identity phrase of every subject,
 plus a ``"world"`` record (spec, seed, caption template) that the scene loader ignores.
 

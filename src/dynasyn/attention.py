@@ -10,7 +10,7 @@ hands the store their head-average restricted to the token columns the losses ne
 Token columns are chosen per pass with a weight matrix ``W`` of shape (B, T, K): the captured
 map of "subject" k is ``Σ_t probs[..., t] · W[b, t, k]``. A placeholder has one token (weight 1);
 a class noun of several tokens ("teddy bear") gets weight 1/n on each, i.e. the mean map of its
-tokens (DESIGN.md, L_ICA).
+tokens (docs/decisions.md, "Attention and masks").
 """
 
 from __future__ import annotations

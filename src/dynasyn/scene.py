@@ -1,6 +1,6 @@
 """Load, validate and save a *scene directory*: one photo, one mask per subject, class nouns.
 
-Layout (Break-a-Scene's, plus an optional ``scene.json``; see DESIGN.md, "Formats")::
+Layout (Break-a-Scene's, plus an optional ``scene.json``; see docs/formats.md)::
 
     scene/
       img.jpg            # or img.png, image.{jpg,jpeg,png,webp}, or scene.json "image"

@@ -1,4 +1,4 @@
-"""The augmented directory format (DESIGN.md): ``NNNN.png``, ``NNNN_mask{i}.png``, ``prompts.jsonl``.
+"""The augmented directory format (docs/formats.md): ``NNNN.png``, ``NNNN_mask{i}.png``, ``prompts.jsonl``.
 
 Each ``prompts.jsonl`` record: ``id`` ("0000"), ``template`` ("{0} is throwing {1}"),
 ``subjects`` ([0, 1]: slot j is subject ``subjects[j]``), the renderings ``phrase_prompt``,

@@ -23,7 +23,7 @@ tokenizer (x2)              ``vocab.json`` + ``merges.txt``                     
 ==========================  ==============================================  ==========  =======
 
 Bundle total 24.0 MB (:func:`estimate_bundle_bytes`, and measured; issue 4 allows 25 MB).
-The text width is 48, not the 64 DESIGN.md started from: with 64, the two copies of the
+The text width is 48, not the 64 of the first design: with 64, the two copies of the
 49,408-row token table (SD's text encoder and CLIP's text tower; stock ``from_pretrained``
 needs each directory to be complete) plus the UNet would pass 25 MB.
 
