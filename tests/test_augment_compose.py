@@ -26,11 +26,11 @@ from dynasyn.augment.masks import (
     attention_masks,
     attention_prompts,
     box_of,
-    dilate,
     peak_points,
     sam_masks,
 )
 from dynasyn.errors import InputError
+from dynasyn.imageops import dilate, label_components
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -99,8 +99,6 @@ def test_attention_masks_largest_component_and_never_empty():
     swallowed = flat_blob(h, 5, 5, 2.0) * 0.5  # fully inside subject 0's stronger blob
     got = attention_masks(np.stack([big_small, zero, swallowed]), size, threshold=0.5)
     assert got[0][15, 15] and not got[0][39, 39]  # the small far blob is dropped
-    from dynasyn.micro.parse import label_components
-
     assert label_components(got[0])[1] == 1
     for m in got:
         assert m.any()

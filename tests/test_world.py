@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from dynasyn.micro import world
-from dynasyn.micro.parse import label_components, parse_image, parse_subject
+from dynasyn.micro.parse import parse_image, parse_subject
 from dynasyn.micro.world import (
     ACTIONS,
     BACKGROUNDS,
@@ -350,15 +350,6 @@ def test_parser_ignores_stray_pixels_of_a_subjects_colour(
     cleaned = accuracy()
     monkeypatch.setattr(parse, "main_parts", lambda mask: mask)
     assert cleaned >= 0.95 and accuracy() <= cleaned - 0.3, cleaned
-
-
-def test_label_components() -> None:
-    m = np.zeros((8, 8), dtype=bool)
-    m[1:3, 1:3] = True
-    m[5:7, 4:8] = True
-    m[3, 3] = True  # touches the first blob diagonally (8-connected)
-    labels, n = label_components(m)
-    assert n == 2 and labels[3, 3] == labels[1, 1] and labels[5, 4] != labels[1, 1]
 
 
 @pytest.mark.skipif(not EXAMPLES.is_dir(), reason="examples/ not generated")

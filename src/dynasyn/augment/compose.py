@@ -18,8 +18,9 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from dynasyn.augment.masks import Box, box_of, dilate
+from dynasyn.augment.masks import Box, box_of
 from dynasyn.errors import InputError
+from dynasyn.imageops import dilate
 
 Anchor = Literal["center", "bottom"]
 

@@ -13,7 +13,9 @@ The paper segments each rendered draft with SAM. Here two segmenters are offered
   points (e.g. from :func:`attention_prompts`: the attention masks' boxes and the maps' peaks);
   the multimask output with the best predicted IoU is kept.
 
-Everything here is numpy (plus torch for the bilinear upsampling); scipy is not used.
+The mask operations (Otsu, 3x3 morphology, components, hole filling) are
+:mod:`dynasyn.imageops`'s, i.e. scipy.ndimage's and scikit-image's; torch does the bilinear
+upsampling.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dynasyn.errors import InputError
-from dynasyn.micro.parse import label_components
+from dynasyn.imageops import dilate, erode, fill_holes, largest_component, otsu_threshold
 
 log = logging.getLogger(__name__)
 
@@ -85,76 +87,6 @@ def peak_points(
     if size is None:
         return [(float(x), float(y)) for y, x in chosen]
     return [((x + 0.5) * size / w, (y + 0.5) * size / h) for y, x in chosen]
-
-
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of values in [0, 1]: foreground is ``values > t``.
-
-    A constant input has no between-class variance; 0.5 is returned then.
-    """
-    v = np.asarray(values, dtype=np.float64).ravel()
-    hist, edges = np.histogram(v, bins=bins, range=(0.0, 1.0))
-    p = hist / max(hist.sum(), 1)
-    centers = (edges[:-1] + edges[1:]) / 2
-    omega = np.cumsum(p)
-    mu = np.cumsum(p * centers)
-    mu_t = mu[-1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sigma_b = (mu_t * omega - mu) ** 2 / (omega * (1.0 - omega))
-    sigma_b[~np.isfinite(sigma_b)] = -1.0
-    if sigma_b.max() <= 0:
-        return 0.5
-    return float(edges[int(np.argmax(sigma_b)) + 1])
-
-
-def dilate(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
-    """Binary dilation with a 3x3 square (8-neighbourhood), ``iterations`` times."""
-    m = np.asarray(mask, dtype=bool)
-    for _ in range(iterations):
-        m = _shift_reduce(m, np.logical_or, pad=False)
-    return m
-
-
-def erode(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
-    """Binary erosion with a 3x3 square; the image border does not erode (it pads with on)."""
-    m = np.asarray(mask, dtype=bool)
-    for _ in range(iterations):
-        m = _shift_reduce(m, np.logical_and, pad=True)
-    return m
-
-
-def _shift_reduce(m: np.ndarray, op: Any, pad: bool) -> np.ndarray:
-    H, W = m.shape
-    p = np.pad(m, 1, constant_values=pad)
-    out = m.copy()
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
-            op(out, p[dy : dy + H, dx : dx + W], out=out)
-    return out
-
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected component of a bool mask (an empty mask stays empty)."""
-    m = np.asarray(mask, dtype=bool)
-    if not m.any():
-        return m.copy()
-    labels, n = label_components(m)
-    if n == 1:
-        return m.copy()
-    counts = np.bincount(labels.ravel(), minlength=n + 1)
-    counts[0] = 0
-    return labels == int(np.argmax(counts))
-
-
-def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """``mask`` with every off-region that does not touch the image border switched on."""
-    m = np.asarray(mask, dtype=bool)
-    if m.all() or not m.any():
-        return m.copy()
-    labels, _ = label_components(~m)
-    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    outside = np.isin(labels, border[border > 0])
-    return m | (~m & ~outside)
 
 
 def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -257,7 +189,7 @@ def attention_masks(
     for m in masks:
         if clean:
             m = erode(dilate(dilate(erode(m))))  # open, then close
-        cleaned.append(fill_holes(largest_component(m)))
+        cleaned.append(fill_holes(largest_component(m), connectivity=8))
     masks = [largest_component(m) for m in resolve_overlaps(cleaned, up)]
 
     if grabcut_image is not None:

@@ -735,7 +735,8 @@ def generate_prompts(
     if provider == "micro":
         from dynasyn.micro.prompts import micro_prompts
 
-        return micro_prompts(classes, num_prompts, seed)
+        return [PromptItem(t, list(subj), kind) for t, subj, kind in
+                micro_prompts(classes, num_prompts, seed)]
     if provider == "openai":
         _check(classes, num_prompts)
         return lm_prompts(client or ChatClient(), classes, phrases, num_prompts, seed, "openai")

@@ -66,6 +66,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from dynasyn.imageops import dilate, fill_holes, label_components
 from dynasyn.micro.world import (
     CANON,
     COLOURS,
@@ -82,7 +83,6 @@ __all__ = [
     "blend_colour",
     "colour_labels",
     "foreground",
-    "label_components",
     "main_parts",
     "parse_image",
     "parse_subject",
@@ -149,52 +149,6 @@ def colour_labels(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         img.shape[:2]
     )
     return labels, dark
-
-
-def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """8-connected components of a bool mask: labels (H, W; 0 = off, 1..n) and n."""
-    mask = np.asarray(mask, dtype=bool)
-    H, W = mask.shape
-    big = H * W + 1
-    lab = np.where(mask, np.arange(1, H * W + 1).reshape(H, W), big)
-    while True:
-        pad = np.pad(lab, 1, constant_values=big)
-        m = lab.copy()
-        for dy in (0, 1, 2):
-            for dx in (0, 1, 2):
-                np.minimum(m, pad[dy : dy + H, dx : dx + W], out=m)
-        m = np.where(mask, m, big)
-        # pointer jumping: follow each label to its own label's label
-        flat = np.concatenate([[big], m.ravel()])
-        m = np.where(mask, flat[np.minimum(m, big - 1)].reshape(H, W), big)
-        if np.array_equal(m, lab):
-            break
-        lab = m
-    out = np.zeros((H, W), dtype=np.int32)
-    roots = np.unique(lab[mask])
-    out[mask] = np.searchsorted(roots, lab[mask]) + 1
-    return out, len(roots)
-
-
-def _fill_holes(mask: np.ndarray) -> np.ndarray:
-    """``mask`` with every region not reachable from the border through off-pixels set."""
-    pad = np.pad(mask, 1)
-    outside = np.zeros_like(pad)
-    outside[0, :] = outside[-1, :] = True
-    outside[:, 0] = outside[:, -1] = True
-    outside &= ~pad
-    free = ~pad
-    while True:
-        grown = outside.copy()
-        grown[1:] |= outside[:-1]
-        grown[:-1] |= outside[1:]
-        grown[:, 1:] |= outside[:, :-1]
-        grown[:, :-1] |= outside[:, 1:]
-        grown &= free
-        if np.array_equal(grown, outside):
-            break
-        outside = grown
-    return ~outside[1:-1, 1:-1]
 
 
 def _normalize(mask: np.ndarray, values: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
@@ -305,7 +259,7 @@ def parse_subject(
     colour = None if colour_index is None else _COLOUR_NAMES[colour_index]
 
     silhouette = mask
-    filled = _fill_holes(mask)
+    filled = fill_holes(mask)  # off pixels 4-connected to the border are outside
     if mask.sum() < 0.6 * filled.sum():  # an outline drawing: compare the filled shape
         silhouette = filled
     shp_all, pats, keys, sides = _templates()
@@ -392,8 +346,6 @@ MAIN_PART_FRACTION = 0.25
 def main_parts(mask: np.ndarray, fraction: float = MAIN_PART_FRACTION) -> np.ndarray:
     """``mask`` without its stray parts: the pixels of the 8-connected parts of ``mask``
     (bridged over 1-pixel gaps) with at least ``fraction`` of the largest part's pixels."""
-    from dynasyn.augment.masks import dilate  # it imports this module
-
     mask = np.asarray(mask, dtype=bool)
     comps, n = label_components(dilate(mask))
     if n <= 1:

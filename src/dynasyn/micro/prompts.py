@@ -11,15 +11,24 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import Literal, NamedTuple
 
 from dynasyn.errors import InputError
 from dynasyn.micro.world import SHAPES, valid_actions, valid_relations
 
 
-def micro_prompts(classes: Sequence[str], num_prompts: int, seed: int = 0) -> list:
-    """Balanced single-subject actions and pairwise relations of the micro world."""
-    from dynasyn.augment.prompts import PromptItem
+class MicroPrompt(NamedTuple):
+    """One prompt of the world's grammar: a template with slots ``{0}``, ``{1}``, the subject
+    index of each slot and its kind (``"action"`` or ``"interaction"``); the augmentation makes
+    a :class:`~dynasyn.augment.prompts.PromptItem` of it."""
 
+    template: str
+    subjects: tuple[int, ...]
+    kind: Literal["action", "interaction"]
+
+
+def micro_prompts(classes: Sequence[str], num_prompts: int, seed: int = 0) -> list[MicroPrompt]:
+    """Balanced single-subject actions and pairwise relations of the micro world."""
     unknown = [c for c in classes if c not in SHAPES]
     if unknown:
         raise InputError(
@@ -27,9 +36,9 @@ def micro_prompts(classes: Sequence[str], num_prompts: int, seed: int = 0) -> li
             f"{unknown[0]!r} is not one: use --provider template"
         )
     rng = random.Random(f"micro:{seed}")
-    actions = [PromptItem(f"a {{0}} is {a}", [i], "action")
+    actions = [MicroPrompt(f"a {{0}} is {a}", (i,), "action")
                for i, c in enumerate(classes) for a in valid_actions(c) if a != "standing"]
-    pairs = [PromptItem(f"a {{0}} is {r} a {{1}}", [i, j], "interaction")
+    pairs = [MicroPrompt(f"a {{0}} is {r} a {{1}}", (i, j), "interaction")
              for i, ci in enumerate(classes) for j, cj in enumerate(classes) if i != j
              for r in valid_relations(ci, cj)]
     rng.shuffle(actions)
@@ -40,11 +49,11 @@ def micro_prompts(classes: Sequence[str], num_prompts: int, seed: int = 0) -> li
     return out
 
 
-def _spread(items: list, n: int) -> list:
+def _spread(items: list[MicroPrompt], n: int) -> list[MicroPrompt]:
     """Take ``n`` items round-robin over their subject tuples (balanced), cycling if needed."""
-    groups: dict[tuple, list] = {}
+    groups: dict[tuple[int, ...], list[MicroPrompt]] = {}
     for it in items:
-        groups.setdefault(tuple(it.subjects), []).append(it)
+        groups.setdefault(it.subjects, []).append(it)
     order, taken, k = list(groups.values()), [], 0
     while len(taken) < n and order:
         g = order[k % len(order)]
