@@ -1,7 +1,9 @@
 """Steps 1-2 of the augmentation: the chat client, describe and prompt providers (offline).
 
 The OpenAI-compatible endpoint is a real ``http.server`` on 127.0.0.1 (port 0) started by the
-tests; it answers scripted chat completions, errors, slow answers and malformed JSON.
+tests; it answers scripted chat completions, errors, slow answers and malformed JSON to the
+``openai`` package's client. Its error answers carry ``retry-after-ms: 10``, which the client
+honours, so the retries take milliseconds.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ class ChatServer:
             def do_POST(self) -> None:  # noqa: N802 - http.server API
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
-                req = {"path": self.path, "headers": dict(self.headers), "body": body}
+                # the headers as received: names are case-insensitive
+                req = {"path": self.path, "headers": self.headers, "body": body}
                 outer.requests.append(req)
                 code, payload, delay = outer.responder(len(outer.requests) - 1, req)
                 if delay:
@@ -71,6 +74,8 @@ class ChatServer:
                 try:
                     self.send_response(code)
                     self.send_header("Content-Type", "application/json")
+                    if code >= 400:
+                        self.send_header("retry-after-ms", "10")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)
@@ -87,8 +92,7 @@ class ChatServer:
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
     def client(self, **kw: Any) -> ChatClient:
-        opts = {"model": "test-model", "api_key": KEY, "timeout": 2.0, "retries": 2,
-                "backoff": 0.01, **kw}
+        opts = {"model": "test-model", "api_key": KEY, "timeout": 2.0, "max_retries": 2, **kw}
         return ChatClient(self.base_url, **opts)
 
     def close(self) -> None:
@@ -193,7 +197,7 @@ def test_chat_env_fallbacks(monkeypatch):
 
 def test_chat_timeout_then_error(serve):
     srv = serve(lambda n, r: ok("late", delay=0.6))
-    client = srv.client(timeout=0.2, retries=1)
+    client = srv.client(timeout=0.2, max_retries=1)
     t0 = time.monotonic()
     with pytest.raises(ChatError, match="timed out"):
         client.complete([{"role": "user", "content": "hi"}])
@@ -213,11 +217,35 @@ def test_chat_500_then_success_and_429(serve):
     assert len(srv.requests) == 3
 
 
-def test_chat_malformed_json_is_retried(serve):
-    script = [(200, b"not json{", 0.0), (200, b'{"choices": []}', 0.0), ok("parsed")]
-    srv = serve(lambda n, r: script[n])
-    assert srv.client().complete([{"role": "user", "content": "hi"}]) == "parsed"
-    assert len(srv.requests) == 3
+def test_chat_malformed_answer_is_an_error(serve):
+    for body in (b"not json{", b'{"choices": []}', b'{"choices": [{"message": {}}]}'):
+        srv = serve(lambda n, r, body=body: (200, body, 0.0))
+        with pytest.raises(ChatError, match="malformed"):
+            srv.client().complete([{"role": "user", "content": "hi"}])
+        assert len(srv.requests) == 1  # a server that answers nonsense is not asked again
+    parts = {"choices": [{"message": {"role": "assistant",
+                                      "content": [{"type": "text", "text": "in "},
+                                                  {"type": "text", "text": "parts"}]}}]}
+    srv = serve(lambda n, r: (200, json.dumps(parts).encode(), 0.0))
+    assert srv.client().complete([{"role": "user", "content": "hi"}]) == "in parts"
+
+
+def test_chat_without_key_sends_no_authorization(serve, monkeypatch):
+    for name in ("DYNASYN_CHAT_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    srv = serve(lambda n, r: ok("local"))
+    client = srv.client(api_key=None)
+    assert not client.has_key and "api_key=<none>" in repr(client)
+    assert client.complete([{"role": "user", "content": "hi"}]) == "local"
+    assert "Authorization" not in srv.requests[0]["headers"]
+
+
+def test_chat_needs_the_openai_package(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openai", None)  # make `import openai` fail
+    with pytest.raises(InputError, match=r'pip install "dynasyn\[chat\]"'):
+        ChatClient("http://127.0.0.1:9/v1", model="m")
 
 
 def test_chat_4xx_not_retried(serve):
@@ -417,6 +445,27 @@ def test_prompts_bad_provider_and_local_path(tmp_path):
 
 # --------------------------------------------------------------------------------------------
 # Step 2: the offline template provider
+
+
+def test_micro_provider_uses_the_world_grammar():
+    from dynasyn.micro.world import valid_actions, valid_relations
+
+    items = generate_prompts(["star", "cat"], num_prompts=10, provider="micro", seed=0)
+    assert len(items) == 10 and all(isinstance(it, PromptItem) for it in items)
+    assert Counter(it.kind for it in items) == {"action": 5, "interaction": 5}
+    assert max(Counter(tuple(it.subjects) for it in items).values()) <= 3  # spread out
+    classes = ["star", "cat"]
+    for it in items:
+        verb = it.template.removeprefix("a {0} is ").removesuffix(" a {1}")
+        if it.kind == "action":
+            assert verb in valid_actions(classes[it.subjects[0]]) and verb != "standing"
+        else:
+            assert verb in valid_relations(*(classes[s] for s in it.subjects))
+        assert it.placeholder_prompt().startswith("a <asset")
+    again = generate_prompts(["star", "cat"], num_prompts=10, provider="micro", seed=0)
+    assert [it.key for it in again] == [it.key for it in items]
+    with pytest.raises(InputError, match="--provider template"):
+        generate_prompts(["panda"], provider="micro")
 
 
 def test_template_deterministic_for_seed():

@@ -1,7 +1,8 @@
-"""A small OpenAI-compatible chat-completions client (standard library only).
+"""The chat clients of the augmentation's LM steps: an OpenAI-compatible endpoint or a local model.
 
-It speaks ``POST {base_url}/chat/completions`` as OpenAI, vLLM, Ollama (``/v1``), llama.cpp's
-server, LM Studio and others do. Options fall back to environment variables:
+:class:`ChatClient` speaks ``POST {base_url}/chat/completions`` through the ``openai`` package
+(the optional extra: ``pip install "dynasyn[chat]"``), as OpenAI, vLLM, Ollama (``/v1``),
+llama.cpp's server, LM Studio and others answer it. Options fall back to environment variables:
 
 ============  =================================================  ==============================
 option        environment (first set wins)                       default
@@ -11,26 +12,24 @@ model         ``DYNASYN_CHAT_MODEL``                             (required)
 api_key       ``DYNASYN_CHAT_API_KEY``, ``OPENAI_API_KEY``       none (local servers)
 ============  =================================================  ==============================
 
-The key is sent as ``Authorization: Bearer <key>`` and is never printed, logged, or put in an
-exception message or ``repr``. Timeouts, connection errors, HTTP 5xx, HTTP 429 and responses that
-are not valid chat-completion JSON are retried with exponential backoff
-(``backoff * 2**k`` seconds, or the server's ``Retry-After`` when it is longer, capped at 60 s);
-after the last try :class:`ChatError` is raised. Other HTTP errors (401, 404, …) are not
-retried. Images travel as data URLs (:func:`image_part`).
+The key is sent as ``Authorization: Bearer <key>`` (no such header without a key) and is never
+printed, logged, or put in an exception message or ``repr``. The ``openai`` package retries
+timeouts, connection errors, HTTP 408/409/429 and 5xx ``max_retries`` times with exponential
+backoff (honouring the server's ``Retry-After``); after the last try, on another HTTP error
+(401, 404, …) or on an answer that is not a chat completion, :class:`ChatError` is raised, and
+the callers fall back to their offline providers. :class:`LocalChat` runs a local transformers
+model behind the same :meth:`~ChatClient.complete`. Images travel as data URLs
+(:func:`image_part`).
 """
 
 from __future__ import annotations
 
 import base64
-import http.client
 import io
 import json
 import logging
 import os
 import re
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -53,8 +52,6 @@ log = logging.getLogger("dynasyn.chat")
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 """Used when neither the option nor an environment variable gives a base URL."""
-
-_MAX_RETRY_AFTER = 60.0
 
 
 class ChatError(RuntimeError):
@@ -102,7 +99,7 @@ def _env(*names: str) -> str | None:
 
 
 class ChatClient:
-    """Client for an OpenAI-compatible ``/chat/completions`` endpoint.
+    """Client for an OpenAI-compatible ``/chat/completions`` endpoint (the ``openai`` package).
 
     Args:
         base_url: the API root, e.g. ``https://api.openai.com/v1``, ``http://localhost:8000/v1``
@@ -110,13 +107,13 @@ class ChatClient:
             (llama.cpp). A trailing ``/chat/completions`` is accepted and stripped.
         model: the model name the server expects.
         api_key: sent as a bearer token; optional for local servers.
-        timeout: seconds per request (connect and each read).
-        retries: how many times a failed request is retried (so ``1 + retries`` tries in all).
-        backoff: the first retry waits this many seconds; each next one twice as long.
+        timeout: seconds per request (connect, and each read or write).
+        max_retries: how many times a failed request is retried (so ``1 + max_retries`` tries).
 
     Raises:
-        InputError: no model is given (option or ``DYNASYN_CHAT_MODEL``), the base URL is not
-            http(s), or a numeric option is out of range.
+        InputError: the ``openai`` package is not installed, no model is given (option or
+            ``DYNASYN_CHAT_MODEL``), the base URL is not http(s), or a numeric option is out of
+            range.
     """
 
     def __init__(
@@ -125,8 +122,7 @@ class ChatClient:
         model: str | None = None,
         api_key: str | None = None,
         timeout: float = 30,
-        retries: int = 3,
-        backoff: float = 0.5,
+        max_retries: int = 3,
     ) -> None:
         url = (base_url or _env("DYNASYN_CHAT_BASE_URL", "OPENAI_BASE_URL") or DEFAULT_BASE_URL)
         url = url.strip().rstrip("/")
@@ -142,14 +138,30 @@ class ChatClient:
                 "no chat model given; pass the model name (e.g. --chat-model gpt-4o-mini) "
                 "or set DYNASYN_CHAT_MODEL"
             )
-        if timeout <= 0 or retries < 0 or backoff < 0:
-            raise InputError("chat timeout must be > 0, retries and backoff >= 0")
+        if timeout <= 0 or max_retries < 0:
+            raise InputError("chat timeout must be > 0 and max_retries >= 0")
+        try:
+            import openai
+        except ImportError:
+            raise InputError(
+                'the openai chat provider needs the openai package: pip install "dynasyn[chat]" '
+                "(or use --provider template / --describer scene)"
+            ) from None
         self.base_url = url
         self.model = model
         self.timeout = float(timeout)
-        self.retries = int(retries)
-        self.backoff = float(backoff)
-        self.__key = api_key or _env("DYNASYN_CHAT_API_KEY", "OPENAI_API_KEY")
+        self.max_retries = int(max_retries)
+        self.__key = api_key or _env("DYNASYN_CHAT_API_KEY", "OPENAI_API_KEY") or ""
+        self._openai = openai
+        self._client = openai.OpenAI(
+            base_url=url,
+            # without a key the package still wants one: a stand-in, whose Authorization header
+            # each request leaves out (``_headers``), so local servers see no credentials at all
+            api_key=self.__key or "no-key",
+            timeout=self.timeout,
+            max_retries=self.max_retries,
+        )
+        self._headers = None if self.__key else {"Authorization": openai.Omit()}
 
     def __repr__(self) -> str:
         key = "set" if self.__key else "none"
@@ -185,103 +197,57 @@ class ChatClient:
             max_tokens: the most tokens the answer may have.
 
         Raises:
-            ChatError: every try failed (timeouts, connection errors, 5xx, 429, malformed JSON),
-                or the server refused the request (other 4xx). The message never contains the
-                API key.
+            ChatError: every try failed (timeouts, connection errors, 429, 5xx), the server
+                refused the request (other 4xx), or the answer is not a chat completion. The
+                message never contains the API key.
         """
-        body = json.dumps(
-            {
-                "model": self.model,
-                "messages": list(messages),
-                "temperature": temperature,
-                "max_tokens": max_tokens,
-            }
-        ).encode("utf-8")
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.__key:
-            headers["Authorization"] = "Bearer " + self.__key
-        tries = 1 + self.retries
-        last = ""
-        for attempt in range(tries):
-            wait = self.backoff * (2**attempt)
-            try:
-                return self._post_once(body, headers)
-            except _Retryable as e:
-                last = self._redact(str(e))
-                if e.retry_after is not None:
-                    wait = max(wait, min(e.retry_after, _MAX_RETRY_AFTER))
-            if attempt + 1 < tries:
-                log.info("chat request failed (%s); retry %d/%d in %.2fs",
-                         last, attempt + 1, self.retries, wait)
-                time.sleep(wait)
-        raise ChatError(
-            f"chat endpoint {self.endpoint} failed after {tries} "
-            f"tr{'y' if tries == 1 else 'ies'}: {last}"
-        )
-
-    def _post_once(self, body: bytes, headers: dict[str, str]) -> str:
-        """One POST; returns the content, raises _Retryable or ChatError."""
-        req = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            detail = _snippet(e)
-            retry_after = _retry_after(e.headers.get("Retry-After") if e.headers else None)
-            if e.code == 429 or e.code >= 500:
-                raise _Retryable(f"HTTP {e.code} {detail}", retry_after) from None
-            raise ChatError(
-                self._redact(f"chat endpoint {self.endpoint} refused the request: "
-                             f"HTTP {e.code} {detail}")
-            ) from None
-        except TimeoutError as e:
-            raise _Retryable(f"timed out after {self.timeout:g}s ({e})") from None
-        except urllib.error.URLError as e:
-            reason = e.reason
-            if isinstance(reason, TimeoutError):
-                raise _Retryable(f"timed out after {self.timeout:g}s") from None
-            raise _Retryable(f"connection failed: {reason}") from None
-        except (http.client.HTTPException, ConnectionError, OSError) as e:
-            raise _Retryable(f"connection failed: {type(e).__name__}: {e}") from None
-        try:
-            data = json.loads(raw.decode("utf-8"))
-            content = data["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError):
-            raise _Retryable(
-                f"malformed chat-completion response: {raw[:200]!r}"
-            ) from None
-        if isinstance(content, list):  # some servers answer with content parts
-            content = "".join(
-                p.get("text", "") for p in content if isinstance(p, dict)
+            response = self._client.chat.completions.create(
+                model=self.model,
+                messages=list(messages),  # type: ignore[arg-type]
+                temperature=temperature,
+                max_tokens=max_tokens,
+                extra_headers=self._headers,
             )
-        if not isinstance(content, str):
-            raise _Retryable(f"malformed chat-completion response: content is {content!r}")
+            content = _content(response)
+        except Exception as e:  # noqa: BLE001 - every failure becomes one ChatError
+            raise ChatError(self._redact(self._explain(e))) from None
         return content
 
+    def _explain(self, e: Exception) -> str:
+        """What went wrong, in one sentence naming the endpoint and how often it was tried."""
+        oa = self._openai
+        tries = 1 + self.max_retries
+        after = f"after {tries} tr{'y' if tries == 1 else 'ies'}"
+        where = f"chat endpoint {self.endpoint}"
+        if isinstance(e, oa.APITimeoutError):
+            return f"{where} failed {after}: timed out after {self.timeout:g}s"
+        if isinstance(e, oa.APIConnectionError):
+            cause = e.__cause__ or e
+            return f"{where} failed {after}: connection failed: {type(cause).__name__}: {cause}"
+        if isinstance(e, oa.APIStatusError):
+            code = e.status_code
+            body = e.response.text[:300] if e.response is not None else ""
+            detail = f"HTTP {code} ({' '.join(body.split()) or e.message})"
+            if code in (408, 409, 429) or code >= 500:
+                return f"{where} failed {after}: {detail}"
+            return f"{where} refused the request: {detail}"
+        if isinstance(e, ValueError | oa.APIResponseValidationError):  # bad JSON, no content
+            return f"{where} gave a malformed chat-completion response: {type(e).__name__}: {e}"
+        return f"{where} failed: {type(e).__name__}: {e}"
 
-class _Retryable(Exception):
-    """A failure worth another try (internal)."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-def _retry_after(value: str | None) -> float | None:
+def _content(response: Any) -> str:
+    """The answer text of a chat completion; ValueError when it has none."""
     try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _snippet(e: urllib.error.HTTPError) -> str:
-    """A short, one-line excerpt of an error response body."""
-    try:
-        text = e.read(300).decode("utf-8", "replace")
-    except Exception:  # noqa: BLE001 - best effort only
-        text = ""
-    text = " ".join(text.split())
-    return f"({text})" if text else f"({e.reason})"
+        content = response.choices[0].message.content
+    except (AttributeError, IndexError, KeyError, TypeError):
+        raise ValueError(f"no choices[0].message.content in {str(response)[:200]!r}") from None
+    if isinstance(content, list):  # some servers answer with content parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if not isinstance(content, str):
+        raise ValueError(f"content is {content!r}")
+    return content
 
 
 # --------------------------------------------------------------------------------------------
