@@ -58,12 +58,16 @@ class ChatError(RuntimeError):
     """The chat endpoint could not give an answer (after the retries, where retried)."""
 
 
+Messages = Sequence[Mapping[str, Any]]
+"""Chat messages in the OpenAI format: ``[{"role": "user", "content": "…" or parts}]``."""
+
+
 class Completer(Protocol):
     """Anything with :meth:`ChatClient.complete`'s signature (ChatClient, LocalChat, fakes)."""
 
-    def complete(
-        self, messages: Sequence[Mapping[str, Any]], temperature: float = ..., max_tokens: int = ...
-    ) -> str: ...
+    def complete(self, messages: Messages, temperature: float = ..., max_tokens: int = ...) -> str:
+        """The answer's text to ``messages``; :class:`ChatError` when there is none."""
+        ...
 
 
 def text_part(text: str) -> dict[str, Any]:
@@ -183,12 +187,7 @@ class ChatClient:
             text = text.replace(self.__key, "***")
         return " ".join(text.split())
 
-    def complete(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        temperature: float = 0.7,
-        max_tokens: int = 1024,
-    ) -> str:
+    def complete(self, messages: Messages, temperature: float = 0.7, max_tokens: int = 1024) -> str:
         """Send ``messages`` (OpenAI chat format) and return the answer's text.
 
         Args:
@@ -223,8 +222,8 @@ class ChatClient:
         if isinstance(e, oa.APITimeoutError):
             return f"{where} failed {after}: timed out after {self.timeout:g}s"
         if isinstance(e, oa.APIConnectionError):
-            cause = e.__cause__ or e
-            return f"{where} failed {after}: connection failed: {type(cause).__name__}: {cause}"
+            cause = e.__cause__ if isinstance(e.__cause__, Exception) else e
+            return f"{where} failed {after}: connection failed: {_excerpt(cause)}"
         if isinstance(e, oa.APIStatusError):
             code = e.status_code
             body = e.response.text[:300] if e.response is not None else ""
@@ -233,8 +232,8 @@ class ChatClient:
                 return f"{where} failed {after}: {detail}"
             return f"{where} refused the request: {detail}"
         if isinstance(e, ValueError | oa.APIResponseValidationError):  # bad JSON, no content
-            return f"{where} gave a malformed chat-completion response: {type(e).__name__}: {e}"
-        return f"{where} failed: {type(e).__name__}: {e}"
+            return f"{where} gave a malformed chat-completion response: {_excerpt(e)}"
+        return f"{where} failed: {_excerpt(e)}"
 
 
 def _content(response: Any) -> str:
@@ -301,17 +300,11 @@ class LocalChat:
                 self._pipe = pipeline(self.task, model=self.model_path, device=self.device)
             except Exception as e:  # noqa: BLE001 - any loading problem → fall back
                 raise ChatError(
-                    f"could not load local model {self.model_path} for {self.task}: "
-                    f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                    f"could not load local model {self.model_path} for {self.task}: {_excerpt(e)}"
                 ) from None
         return self._pipe
 
-    def complete(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        temperature: float = 0.7,
-        max_tokens: int = 1024,
-    ) -> str:
+    def complete(self, messages: Messages, temperature: float = 0.7, max_tokens: int = 1024) -> str:
         """Generate the answer to ``messages`` with the local model; see ChatClient.complete."""
         pipe = self._pipeline()
         chat = [_local_message(m) for m in messages]
@@ -325,11 +318,13 @@ class LocalChat:
                 chat, **kwargs
             )
         except Exception as e:  # noqa: BLE001 - any generation problem → fall back
-            raise ChatError(
-                f"local model {self.model_path} failed: {type(e).__name__}: "
-                f"{' '.join(str(e).split())[:300]}"
-            ) from None
+            raise ChatError(f"local model {self.model_path} failed: {_excerpt(e)}") from None
         return _generated_text(out)
+
+
+def _excerpt(e: Exception) -> str:
+    """``"Type: message"`` of an exception, on one line, the message cut at 300 characters."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
 
 
 def _local_message(message: Mapping[str, Any]) -> dict[str, Any]:
