@@ -98,6 +98,9 @@ PHOTO_BACKGROUNDS: tuple[str, ...] = ("plain", "grass", "night", "beach")
 P_DROP_TEXT = 0.05
 P_DROP_ID = 0.05
 CONTRASTIVE_WEIGHT = 0.1
+VAL_SIZE = 32
+"""Pairs in the fixed validation batch (held-out identities)."""
+VAL_SEED = 900_000_000
 TOWER_LR_FACTOR = 0.2
 """The ID encoder's vision tower learns at this fraction of the stage's learning rate."""
 
@@ -151,11 +154,11 @@ class Pair:
     b: Any
 
 
-def sample_pair(seed: int, size: int) -> Pair:
-    """Two renders of one training identity in two different actions, independent photo
-    backgrounds and jitter (deterministic in ``seed``)."""
+def sample_pair(seed: int, size: int, identity: Identity | None = None) -> Pair:
+    """Two renders of one training identity (or ``identity``) in two different actions,
+    independent photo backgrounds and jitter (deterministic in ``seed``)."""
     rng = np.random.default_rng([seed, 19])
-    ident = sample_training_identity(rng)
+    ident = sample_training_identity(rng) if identity is None else identity
     acts = valid_actions(ident.shape)
     a1 = acts[rng.integers(len(acts))]
     rest = [x for x in acts if x != a1]
@@ -183,12 +186,15 @@ def _crop(r: Any, crop_size: int) -> Any:
 class AnchorBatches(Dataset):
     """Batch ``step`` of the anchoring stage: ``ref`` (reference crops, CLIP-normalized),
     ``pixels`` (targets in [-1, 1]), ``input_ids`` (class captions, 5 % empty), ``id_drop``
-    (bool: use the unconditional tokens)."""
+    (bool: use the unconditional tokens). ``identities`` (validation) fixes the identities,
+    cycling, and switches the dropouts off."""
 
     def __init__(self, batch: int, tokenizer: Any, size: int, crop_size: int,
-                 seed_base: int = PLAN["anchor"].seed_base) -> None:
+                 seed_base: int = PLAN["anchor"].seed_base,
+                 identities: list[Identity] | None = None) -> None:
         self.batch, self.tokenizer, self.size = batch, tokenizer, size
         self.crop_size, self.seed_base = crop_size, seed_base
+        self.identities = identities
 
     def __len__(self) -> int:
         return 2**31 - 1
@@ -197,8 +203,9 @@ class AnchorBatches(Dataset):
         pairs, texts, drop = [], [], []
         for i in range(self.batch):
             seed = self.seed_base + step * self.batch + i
-            p = sample_pair(seed, self.size)
-            u = np.random.default_rng([seed, 23]).random(2)
+            fixed = self.identities[i % len(self.identities)] if self.identities else None
+            p = sample_pair(seed, self.size, fixed)
+            u = np.random.default_rng([seed, 23]).random(2) if fixed is None else np.ones(2)
             pairs.append(p)
             texts.append("" if u[0] < P_DROP_TEXT else caption_for(p.b.spec, "class"))
             drop.append(bool(u[1] < P_DROP_ID))
@@ -216,9 +223,11 @@ class ReconfigBatches(Dataset):
     ``action_b`` (indices)."""
 
     def __init__(self, batch: int, tokenizer: Any, size: int, crop_size: int,
-                 seed_base: int = PLAN["reconfig"].seed_base) -> None:
+                 seed_base: int = PLAN["reconfig"].seed_base,
+                 identities: list[Identity] | None = None) -> None:
         self.batch, self.tokenizer, self.size = batch, tokenizer, size
         self.crop_size, self.seed_base = crop_size, seed_base
+        self.identities = identities
 
     def __len__(self) -> int:
         return 2**31 - 1
@@ -226,8 +235,9 @@ class ReconfigBatches(Dataset):
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         from dynasyn.micro.world import ACTIONS
 
-        pairs = [sample_pair(self.seed_base + step * self.batch + i, self.size)
-                 for i in range(self.batch)]
+        ids = self.identities
+        pairs = [sample_pair(self.seed_base + step * self.batch + i, self.size,
+                             ids[i % len(ids)] if ids else None) for i in range(self.batch)]
         key = {}
         ident = [key.setdefault(p.identity, len(key)) for p in pairs]
         return {
@@ -361,6 +371,32 @@ class Trainer:
         base = PLAN[self.name].seed_base if seed_base is None else seed_base
         return cls(self.batch, m.tokenizer, m.image_size, m.encoder.image_size, base)
 
+    def validation_batch(self, n: int = VAL_SIZE) -> dict[str, torch.Tensor]:
+        """A fixed batch of ``n`` pairs of the *held-out* identities (no dropout)."""
+        m = self.m
+        cls = AnchorBatches if self.name == "anchor" else ReconfigBatches
+        ds = cls(n, m.tokenizer, m.image_size, m.encoder.image_size, VAL_SEED,
+                 heldout_identities())
+        return {k: v.to(self.device) for k, v in ds[0].items()}
+
+    @torch.no_grad()
+    def validate(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Validation numbers on a fixed batch with fixed noise. Anchor: the denoising MSE
+        with the references' ID tokens (``val_mse``) and with the unconditional tokens
+        (``val_mse_noid``): their gap is what the identity adds. Reconfig: the losses."""
+        gen = torch.Generator(device=self.device).manual_seed(VAL_SEED)
+        if self.name == "reconfig":
+            _, info = self._reconfig_loss(batch, gen)
+            return {f"val_{k}": v for k, v in info.items()}
+        m = self.m
+        noisy, t, target = self._noisy(batch["pixels"], gen)
+        text = m.text_encoder(batch["input_ids"])[0]
+        tokens = m.encoder(batch["ref"])
+        with_id = F.mse_loss(self._unet(noisy, t, text, tokens).float(), target.float()).item()
+        uncond = m.encoder.uncond_tokens(tokens.shape[0])
+        no_id = F.mse_loss(self._unet(noisy, t, text, uncond).float(), target.float()).item()
+        return {"val_mse": with_id, "val_mse_noid": no_id}
+
     # -- losses -----------------------------------------------------------------------------
     def _noisy(self, pixels: torch.Tensor, gen: torch.Generator
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -478,7 +514,7 @@ class StageResult:
 def run_stage(trainer: Trainer, *, work: Path, steps: int, seconds: float = math.inf,
               lr: float | None = None, resume: bool = False, fresh: bool = False,
               ckpt_minutes: float = 5.0, progress: bool = True, workers: int = 0,
-              extra: dict[str, Any] | None = None) -> StageResult:
+              eval_every: int = 250, extra: dict[str, Any] | None = None) -> StageResult:
     """Train ``trainer``'s stage for ``steps`` or ``seconds`` (whichever ends first), with
     checkpoints under ``work/<stage>/checkpoints``; export fp32 weights to
     ``work/<stage>/final``."""
@@ -516,6 +552,16 @@ def run_stage(trainer: Trainer, *, work: Path, steps: int, seconds: float = math
     warmup = min(200, max(1, steps // 10))
     step = start
     avg: float | None = None
+    val_batch = trainer.validation_batch() if eval_every > 0 else None
+
+    def validate(log: Any) -> None:
+        if val_batch is None:
+            return
+        info = trainer.validate(val_batch)
+        log.write(json.dumps({"step": step, **info}) + "\n")
+        log.flush()
+        bar.write(f"{name} step {step}: " + ", ".join(f"{k} {v:.5f}" for k, v in info.items()))
+
     if step < steps and elapsed < seconds:
         sdir.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=steps, initial=start, desc=name, unit="step", disable=not progress,
@@ -526,6 +572,8 @@ def run_stage(trainer: Trainer, *, work: Path, steps: int, seconds: float = math
                             num_workers=workers)
         params = [p for g in opt.param_groups for p in g["params"]]
         with (sdir / "log.jsonl").open("a") as log:
+            if start == 0:
+                validate(log)
             try:
                 for data in loader:
                     elapsed = e_run + time.monotonic() - t_run
@@ -555,6 +603,8 @@ def run_stage(trainer: Trainer, *, work: Path, steps: int, seconds: float = math
                         log.write(json.dumps({"step": step, "loss": lv, "lr": opt.param_groups[
                             0]["lr"], "elapsed": round(elapsed, 1), **info}) + "\n")
                         log.flush()
+                    if eval_every > 0 and step % eval_every == 0:
+                        validate(log)
                     if time.monotonic() - last_ckpt >= 60 * ckpt_minutes:
                         elapsed = e_run + time.monotonic() - t_run
                         checkpoint(step)
@@ -566,6 +616,8 @@ def run_stage(trainer: Trainer, *, work: Path, steps: int, seconds: float = math
                 print(f"\n{name}: interrupted at step {step}; checkpoint written, continue "
                       "with --resume", file=sys.stderr, flush=True)
                 raise
+            if eval_every > 0 and step % eval_every != 0:
+                validate(log)
         elapsed = e_run + time.monotonic() - t_run
         bar.close()
         checkpoint(step)
@@ -580,7 +632,8 @@ def train(stages: tuple[str, ...], *, model: str, work: Path, out: Path,
           minutes: float | None = None, steps: int | None = None, batch: int | None = None,
           lr: float | None = None, resume: bool = False, fresh: bool = False,
           device: torch.device | None = None, encoder: str = "micro-clip", rank: int = 4,
-          ckpt_minutes: float = 5.0, progress: bool = True, workers: int = 0) -> Path:
+          ckpt_minutes: float = 5.0, progress: bool = True, workers: int = 0,
+          eval_every: int = 250) -> Path:
     """Run ``stages`` in order (time budget shared by :attr:`StagePlan.share`) and write the
     fp16 weights directory to ``out``. Returns ``out``."""
     device = device or torch.device("cpu")
@@ -601,7 +654,7 @@ def train(stages: tuple[str, ...], *, model: str, work: Path, out: Path,
         res = run_stage(trainer, work=work, steps=steps or PLAN[name].steps,
                         seconds=max(seconds, 0.0), lr=lr, resume=resume, fresh=fresh,
                         ckpt_minutes=ckpt_minutes, progress=progress, workers=workers,
-                        extra={"base_model": model})
+                        eval_every=eval_every, extra={"base_model": model})
         used += res.elapsed
     assert trainer is not None
     trainer.export(out, torch.float16, {"base_model": model, "stages": list(stages)})
@@ -655,6 +708,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--ckpt-minutes", type=float, default=5.0, help="checkpoint interval")
     ap.add_argument("--workers", type=int, default=0, help="data loader processes (default 0)")
+    ap.add_argument("--eval-every", type=int, default=250,
+                    help="validation on a fixed batch of held-out identities every N steps "
+                    "(0: never; default 250)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.resume and args.fresh:
@@ -680,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
               steps=args.steps, batch=args.batch, lr=args.lr, resume=args.resume,
               fresh=args.fresh, device=device, encoder=args.encoder, rank=args.rank,
               ckpt_minutes=args.ckpt_minutes, progress=not args.no_progress,
-              workers=args.workers)
+              workers=args.workers, eval_every=args.eval_every)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
