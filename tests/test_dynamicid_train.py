@@ -86,3 +86,25 @@ def test_command_trains_both_stages_resumes_and_writes_small_weights(tiny_models
     lines = [json.loads(line) for line in (work / "anchor" / "log.jsonl").open()]
     steps = [r["step"] for r in lines if "loss" in r]
     assert steps == [1, 2]  # continued from step 1, not restarted
+
+
+def test_measurement_scenes_and_prompts_use_heldout_identities(tmp_path):
+    from dynasyn.dynamicid import measure as dm
+    from dynasyn.micro.world import parse_caption
+    from dynasyn.scene import load_scene
+
+    scenes = dm.make_scenes(tmp_path, 3)
+    held = {h.phrase for h in dt.heldout_identities()}
+    for i, sdir in enumerate(scenes):
+        scene = load_scene(sdir)
+        assert len(scene) == 2 and scene.classes[0] != scene.classes[1]
+        assert {s.phrase for s in scene.subjects} <= held
+        prompts = dm.scene_prompts(scene.classes, seed=i)
+        assert [c for c, _ in prompts].count("interaction") == 3
+        from dynasyn.dynamicid.pipeline import substitute_classes
+
+        for category, prompt in prompts:
+            parsed = parse_caption(substitute_classes(prompt, scene.classes))
+            assert (parsed.action is not None) == (category == "action")
+            assert (parsed.relation is not None) == (category == "interaction")
+    assert dm._template("<asset1> is on top of <asset0>") == ("{0} is on top of {1}", [1, 0])

@@ -711,6 +711,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=250,
                     help="validation on a fixed batch of held-out identities every N steps "
                     "(0: never; default 250)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's). On a machine shared with other "
+                    "jobs pass 1: measured 1.45 s/step with 1 thread against > 40 s/step with "
+                    "2 threads spinning against each other")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.resume and args.fresh:
@@ -721,6 +725,10 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{k} must be > 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but no CUDA device is available; use --device cpu")
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     if device.type == "mps":
         device = torch.device("cpu")
