@@ -5,10 +5,25 @@ id_classes=["star"])``. See docs/dynamicid.md. Parts: :mod:`.saa` (the attention
 its gate), :mod:`.encoder` (ID encoder + resampler), :mod:`.imr` (Identity-Motion
 Reconfigurator), :mod:`.train` (anchoring + reconfiguration), :mod:`.pipeline`,
 :mod:`.official` (the official checkpoint layout), :mod:`.weights` (our weights directory),
-:mod:`.cli` (``dynasyn zeroshot``).
+:mod:`.measure` (the micro-world table), :mod:`.cli` (``dynasyn zeroshot``).
+
+The names below are imported on first use, so ``import dynasyn.dynamicid.cli`` (the command
+line's parser) stays light.
 """
 
-from dynasyn.dynamicid.pipeline import DynamicIDPipeline, load
-from dynasyn.dynamicid.saa import SAAContext, activation_gate, install_saa
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["DynamicIDPipeline", "SAAContext", "activation_gate", "install_saa", "load"]
+
+_WHERE = {"DynamicIDPipeline": "pipeline", "load": "pipeline", "SAAContext": "saa",
+          "activation_gate": "saa", "install_saa": "saa"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        from importlib import import_module
+
+        return getattr(import_module(f"dynasyn.dynamicid.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'dynasyn.dynamicid' has no attribute {name!r}")
