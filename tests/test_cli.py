@@ -162,3 +162,131 @@ def test_demo_without_the_micro_model_says_how_to_build_it(tmp_path, capsys, mon
     assert main(["demo", "--out", str(tmp_path / "d")]) == 2
     assert "python -m dynasyn.micro.train" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+# ------------------------------------------------------------------------------ version, scene options
+
+
+def test_version_prints_the_package_version(capsys):
+    import dynasyn
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"dynasyn {dynasyn.__version__}"
+
+
+SCENE_COMMANDS = ("train", "augment", "personalize", "benchmark", "evaluate")
+
+
+def test_every_scene_command_has_the_same_scene_options():
+    import argparse
+
+    from dynasyn.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    groups = {}
+    for name in SCENE_COMMANDS:
+        p = sub.choices[name]
+        group = next(g for g in p._action_groups if g.title == "scene options")
+        groups[name] = sorted((tuple(a.option_strings), a.nargs, a.metavar)
+                              for a in group._group_actions)
+        assert ("--classes",) in [o for o, _, _ in groups[name]], name
+    assert len({tuple(v) for v in groups.values()}) == 1, groups
+
+
+def _without_scene_json(scene: Path) -> Path:
+    (scene / "scene.json").unlink()
+    return scene
+
+
+@pytest.fixture
+def bare_scene(scene2) -> Path:
+    """A two-subject scene without scene.json: its classes must come from --classes."""
+    return _without_scene_json(scene2)
+
+
+AUG_ARGS = ["--num-prompts", "2", "--draft-steps", "2", "--gsa-steps", "4"]
+
+
+def test_augment_takes_classes_for_a_scene_without_scene_json(capsys, bare_scene, tmp_path,
+                                                              tiny_model):
+    out = tmp_path / "aug"
+    _fails(capsys, ["augment", str(bare_scene), "--model", str(tiny_model), "--out", str(out),
+                    *AUG_ARGS], "--classes", out)
+    assert main(["augment", str(bare_scene), "--classes", "rabbit", "jacket", "--model",
+                 str(tiny_model), "--out", str(out), *AUG_ARGS, "--no-progress"]) == 0
+    records = [json.loads(x) for x in (out / "prompts.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    nouns = {"rabbit", "jacket"}
+    for r in records:
+        assert any(n in r["class_prompt"] for n in nouns), r
+        assert not any(n in r["class_prompt"] for n in ("panda", "bowl")), r
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "--classes rabbit jacket" in printed
+
+
+def test_train_takes_classes_and_records_them_in_the_runs_scene_copy(capsys, bare_scene,
+                                                                     tmp_path, train_args):
+    run = tmp_path / "run"
+    _fails(capsys, ["train", str(bare_scene), "--out", str(run), *train_args], "--classes", run)
+    assert main(["train", str(bare_scene), "--classes", "rabbit", "jacket", "--out", str(run),
+                 *train_args]) == 0
+    assert json.loads((run / "run.json").read_text())["classes"] == ["rabbit", "jacket"]
+    copy = json.loads((run / "scene" / "scene.json").read_text())
+    assert [s["class"] for s in copy["subjects"]] == ["rabbit", "jacket"]
+    printed = capsys.readouterr().out
+    assert f"run written to {run}" in printed and f"dynasyn evaluate {run}" in printed
+
+
+def test_personalize_takes_classes(capsys, bare_scene, tmp_path, tiny_model):
+    run = tmp_path / "run"
+    argv = ["personalize", str(bare_scene), "--model", str(tiny_model), "--out", str(run),
+            "--phase1-steps", "1", "--phase2-steps", "1", *AUG_ARGS, "--no-progress"]
+    _fails(capsys, argv, "--classes", run)
+    assert main([*argv, "--classes", "rabbit", "jacket"]) == 0
+    assert json.loads((run / "run.json").read_text())["classes"] == ["rabbit", "jacket"]
+    rec = json.loads((run / "augmented" / "prompts.jsonl").read_text().splitlines()[0])
+    assert "rabbit" in rec["class_prompt"] or "jacket" in rec["class_prompt"]
+    from dynasyn.config import load_config
+
+    assert load_config(run / "config.yaml").augmented == "augmented"  # relative to the run
+    printed = capsys.readouterr().out
+    assert f"{run / 'augmented'}" in printed and f"run written to {run}" in printed
+
+
+def test_benchmark_takes_classes_for_every_scene(capsys, bare_scene, tmp_path, tiny_model,
+                                                 tiny_clip):
+    out = tmp_path / "bench"
+    argv = ["benchmark", str(bare_scene), "--presets", "textual-inversion", "--out", str(out),
+            "--model", str(tiny_model), "--phase1-steps", "1", "--phase2-steps", "0", "-n", "1",
+            "--steps", "1", "--limit", "1", "--clip-model", str(tiny_clip), "--device", "cpu",
+            "--no-progress"]
+    _fails(capsys, argv, "--classes", out)
+    _fails(capsys, [*argv, "--classes", "rabbit"], "1 class given", out)
+    assert main([*argv, "--classes", "rabbit", "jacket"]) == 0
+    run = out / bare_scene.name / "textual-inversion" / "seed0" / "run"
+    assert json.loads((run / "run.json").read_text())["classes"] == ["rabbit", "jacket"]
+    assert (run.parent / "eval" / "metrics.json").is_file()
+    assert str(out) in capsys.readouterr().out
+
+
+def test_evaluate_takes_the_scene_options(capsys, scene2, tmp_path, train_args, tiny_clip):
+    run = tmp_path / "run"
+    assert main(["train", str(scene2), "--out", str(run), *train_args]) == 0
+    other = _without_scene_json(_scene_copy(scene2, tmp_path / "elsewhere"))
+    ev = ["evaluate", str(run), "--prompts", "plain", "-n", "1", "--steps", "1", "--limit", "1",
+          "--clip-model", str(tiny_clip), "--device", "cpu", "--no-progress"]
+    _fails(capsys, [*ev, "--classes", "rabbit", "--out", str(tmp_path / "e0")], "1 given but the run has 2",
+           tmp_path / "e0")
+    assert main([*ev, "--scene", str(other), "--classes", "rabbit", "jacket",
+                 "--out", str(tmp_path / "e1")]) == 0
+    metrics = json.loads((tmp_path / "e1" / "metrics.json").read_text())
+    assert metrics["classes"] == ["rabbit", "jacket"]
+    assert metrics["settings"]["scene"] == str(other)
+    assert all("rabbit" in p["class_prompt"] or "jacket" in p["class_prompt"]
+               for p in metrics["prompts"])
+    assert main([*ev, "--out", str(tmp_path / "e2")]) == 0  # default: the run's classes and copy
+    metrics = json.loads((tmp_path / "e2" / "metrics.json").read_text())
+    assert metrics["classes"] == ["panda", "bowl"]
+    assert metrics["settings"]["scene"] == str(run / "scene")

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from dynasyn.atomic import atomic_dir
+
 STATE = "state.json"
 
 
@@ -49,23 +51,20 @@ def write_checkpoint(
     state: dict,
     keep: int = 2,
 ) -> Path:
-    """Write ``root/name`` atomically: one safetensors file per weight group + optimizer + state."""
+    """Write ``root/name`` atomically: one safetensors file per weight group + optimizer + state;
+    keep the newest ``keep`` checkpoints (all when ``keep`` <= 0)."""
+
+    def write(tmp: Path) -> None:
+        for group, tensors in weights.items():
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
+                      str(tmp / f"{group}.safetensors"))
+        opt_tensors, opt_meta = optimizer_tensors(opt)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / STATE).write_text(json.dumps({**state, "optimizer": opt_meta,
+                                             "weights": sorted(weights)}))
+
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    for group, tensors in weights.items():
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
-                  str(tmp / f"{group}.safetensors"))
-    opt_tensors, opt_meta = optimizer_tensors(opt)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / STATE).write_text(json.dumps({**state, "optimizer": opt_meta,
-                                         "weights": sorted(weights)}))
-    final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    final = atomic_dir(root / name, write)
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

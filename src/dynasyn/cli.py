@@ -10,7 +10,9 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
+from dynasyn import __version__
 from dynasyn.errors import InputError, TrainingError
 from dynasyn.presets import PRESET_HELP
 
@@ -28,6 +30,7 @@ presets:
 AUGMENT_EXAMPLES = """examples:
   dynasyn augment ../shared/data/scenes/bear --model stabilityai/stable-diffusion-2-1-base \\
       --out aug/bear --num-prompts 30
+  dynasyn augment scene/ --classes rabbit jacket --out aug/x   # a scene without scene.json
   DYNASYN_CHAT_BASE_URL=http://localhost:8000/v1 DYNASYN_CHAT_MODEL=qwen2.5 \\
       dynasyn augment scene/ --provider openai --out aug/x       # any OpenAI-compatible server
   dynasyn augment scene/ --inpainter cv2 --segmenter sam --sam-model ./sam-vit-base --out aug/x
@@ -44,11 +47,14 @@ EVALUATE_EXAMPLES = """examples:
   dynasyn evaluate runs/bear --prompts interaction --n 8 --seed 1 --out runs/bear/eval-i
   dynasyn evaluate runs/bear --prompt-file my_prompts.txt --clip-model openai/clip-vit-large-patch14
   dynasyn evaluate runs/star_ball --steps 25      # micro-world runs use the world's grammar
+  dynasyn evaluate runs/bear --scene other/bear   # score against another copy of the scene
 
 A prompt file has one prompt per line with <asset0>, <asset1>, … ("#" comments allowed);
 "action<TAB><asset0> is jumping" puts a line in a category. Writes OUT/metrics.json
 (per prompt, per category, overall: mean ± std) and OUT/report.html (default OUT: RUN/eval).
-ImageReward runs when the image-reward package and its weights are installed locally.
+The reference scene is the run's own copy, RUN/scene (runs from before such copies: the scene
+path recorded in RUN/config.yaml). ImageReward runs when the image-reward package and its
+weights are installed locally.
 """
 
 BENCHMARK_EXAMPLES = """examples:
@@ -58,6 +64,7 @@ BENCHMARK_EXAMPLES = """examples:
   dynasyn benchmark scenes/a scenes/b --out bench-micro --phase1-steps 100 --phase2-steps 100 \\
       --n 2 --steps 25 --limit 4 --num-prompts 8 --provider micro     # micro world, small scale
   accelerate launch -m dynasyn.cli benchmark scenes/* --out bench   # cells spread over GPUs
+  dynasyn benchmark photos/a photos/b --classes cat dog --out bench  # same classes, every scene
 
 Writes OUT/<scene>/<preset>/seed<k>/{run,eval} (one training + evaluation per cell; presets
 with L_AUG share OUT/<scene>/augmented), then OUT/table1.{md,csv} (methods × Plain / Action /
@@ -73,12 +80,45 @@ GENERATE_EXAMPLES = """examples:
 """
 
 
+SCENE_HELP = "scene directory: a photo (img.jpg / img.png), mask0.png, mask1.png, … and an " \
+    "optional scene.json"
+
+
+def _add_scene_args(p: argparse.ArgumentParser, scene: str = "required") -> None:
+    """The scene options every scene-taking command shares, defined here only.
+
+    ``scene`` says how the scene itself is given: ``required`` / ``optional`` (a positional
+    directory), ``many`` (positional directories, ``args.scenes``) or ``option``
+    (``--scene DIR``, for commands whose scene has a default). Every command passes
+    :func:`_scene_options` of the parsed arguments to :func:`dynasyn.scene.load_scene`
+    (mask options belong in this group too).
+    """
+    if scene == "many":
+        p.add_argument("scenes", nargs="+", metavar="scene", help=SCENE_HELP + " (one or more)")
+    elif scene == "option":
+        p.add_argument("--scene", help="the scene directory to use instead of the run's own copy "
+                       "(RUN/scene)")
+    else:
+        p.add_argument("scene", nargs="?" if scene == "optional" else None, help=SCENE_HELP)
+    g = p.add_argument_group("scene options")
+    g.add_argument("--classes", nargs="+", metavar="NOUN",
+                   help="one class noun per mask, in mask order (e.g. --classes rabbit jacket); "
+                   "overrides scene.json, needed without one"
+                   + ("; the same for every scene" if scene == "many" else "")
+                   + ("; default: the run's" if scene == "option" else ""))
+
+
+def _scene_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The scene options of parsed arguments, as :func:`~dynasyn.scene.load_scene` keywords."""
+    return {"classes": list(args.classes) if args.classes else None}
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("scene", nargs="?", help="scene directory (image, mask0.png…, scene.json)")
+    _add_scene_args(p, scene="optional")
     p.add_argument("--model", help="diffusers SD pipeline: local dir, hub id, or 'micro' (default)")
     p.add_argument("--preset", help="training preset (default: dynasyn)")
-    p.add_argument("--out", required=True, help="run directory to write")
-    p.add_argument("--classes", nargs="+", help="class noun per mask (overrides scene.json)")
+    p.add_argument("--out", required=True, help="run directory to write (self-contained: it "
+                   "keeps a copy of the scene in RUN/scene)")
     p.add_argument("--config", help="YAML config file (values override the preset)")
     p.add_argument("--augmented", help="augmented directory for L_AUG (from `dynasyn augment`)")
     p.add_argument("--phase1-steps", type=int)
@@ -144,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="DynASyn: personalize a Stable Diffusion model to several subjects of one "
         "photo, then render them doing new actions and interacting.",
     )
+    parser.add_argument("--version", action="version", version=f"dynasyn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("train", help="personalize a model to a scene", epilog=TRAIN_EXAMPLES,
@@ -151,9 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     a = sub.add_parser("augment", help="prompt-and-image augmentation (paper Steps 1-4)",
                        epilog=AUGMENT_EXAMPLES, formatter_class=fmt)
-    a.add_argument("scene", help="scene directory")
+    _add_scene_args(a)
     a.add_argument("--out", required=True, help="augmented directory (resumable)")
     _add_augment_args(a)
+    a.add_argument("--no-progress", action="store_true", help="no progress bar")
     pz = sub.add_parser("personalize", help="augment + train in one go",
                         epilog=PERSONALIZE_EXAMPLES, formatter_class=fmt)
     _add_train_args(pz)
@@ -194,14 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--clip-model", default="micro",
                     help="CLIP for the metrics: micro (bundled, default), a directory or hub id")
     ev.add_argument("--dino-model", help="optional DINO/ViT directory or hub id for DINO scores")
-    ev.add_argument("--scene", help="the run's scene directory, if it has moved since training")
+    _add_scene_args(ev, scene="option")
     ev.add_argument("--out", help="output directory (default RUN/eval; a previous evaluation "
                     "there is replaced)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--no-progress", action="store_true")
     bm = sub.add_parser("benchmark", help="train + evaluate presets on scenes; paper's tables",
                         epilog=BENCHMARK_EXAMPLES, formatter_class=fmt)
-    bm.add_argument("scenes", nargs="+", help="scene directories")
+    _add_scene_args(bm, scene="many")
     bm.add_argument("--presets", default=",".join(PRESET_HELP),
                     help="comma-separated presets (default: all: %(default)s)")
     bm.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
@@ -247,7 +289,7 @@ def cmd_train(args: argparse.Namespace, allow_existing: bool = False) -> int:
             scene=str(Path(args.scene)),
             model=args.model,
             preset=args.preset,
-            classes=args.classes,
+            classes=_scene_options(args)["classes"],
             augmented=args.augmented,
             phase1_steps=args.phase1_steps,
             phase2_steps=args.phase2_steps,
@@ -259,10 +301,18 @@ def cmd_train(args: argparse.Namespace, allow_existing: bool = False) -> int:
         cfg = build_config(args.preset or "dynasyn", args.config, overrides)
         if args.augmented and not Path(args.augmented).is_dir():
             raise InputError(f"augmented directory {args.augmented} does not exist; check the path")
-    train(cfg, out, resume=args.resume, overwrite=args.overwrite,
-          progress=not args.no_progress, allow_existing=allow_existing)
-    print(f"run written to {out}")
+    trainer = train(cfg, out, resume=args.resume, overwrite=args.overwrite,
+                    progress=not args.no_progress, allow_existing=allow_existing)
+    if trainer.acc.is_main_process:
+        _print_run_written(out, trainer.n)
     return 0
+
+
+def _print_run_written(run: Path, n_subjects: int) -> None:
+    """Where a finished run is and what to do with it."""
+    prompt = "<asset0> is next to <asset1>" if n_subjects > 1 else "a photo of <asset0>"
+    print(f"run written to {run} (weights, run.json; its scene copy in {run / 'scene'})")
+    print(f'next: dynasyn generate {run} "{prompt}"   or   dynasyn evaluate {run}')
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -288,14 +338,18 @@ def cmd_augment(args: argparse.Namespace) -> int:
 
     cfg = _augment_config(args, args.model)
     out = augment(args.scene, args.out, cfg, client=_chat_client(args),
-                  progress=not getattr(args, "no_progress", False))
+                  progress=not args.no_progress, **_scene_options(args))
     print(f"augmented items written to {out} (contact sheets in {out}/cache/*/sheet.png)")
+    print(f"next: dynasyn train {args.scene} --augmented {out} --out RUN"
+          + (f" --classes {' '.join(args.classes)}" if args.classes else ""))
     return 0
 
 
 def cmd_personalize(args: argparse.Namespace) -> int:
     from dynasyn.augment.pipeline import augment
-    from dynasyn.train import prepare_run_dir
+    from dynasyn.models import resolve_model
+    from dynasyn.rundir import prepare_run_dir
+    from dynasyn.scene import load_scene
 
     out = Path(args.out)
     if args.resume and (out / "config.yaml").is_file():
@@ -305,12 +359,15 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     if not args.resume:
         prepare_run_dir(out, args.overwrite, False)
     cfg = _augment_config(args, args.model)
+    load_scene(args.scene, **_scene_options(args))  # refuse a bad scene before deleting anything
+    resolve_model(cfg.model)
     if args.overwrite and out.exists():
         import shutil
 
         shutil.rmtree(out)
     aug = augment(args.scene, out / "augmented", cfg, client=_chat_client(args),
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, **_scene_options(args))
+    print(f"augmented items written to {aug} (contact sheets in {aug}/cache/*/sheet.png)")
     args.augmented = str(aug)
     args.overwrite = False
     args.resume = False
@@ -338,6 +395,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         limit=args.limit,
         scene=args.scene,
         dino_model=args.dino_model,
+        **_scene_options(args),
     )
     print(summary_table(result))
     for note in result["notes"]:
@@ -367,11 +425,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                          clip_model=args.clip_model, device=args.device),
         augment_kwargs=dict(num_prompts=args.num_prompts, provider=args.provider),
         progress=not args.no_progress,
+        **_scene_options(args),
     )
     if not result["main_process"]:
         return 0
     finished = len(result["cells"]) - len(result["missing"])
-    print(f"{finished} of {len(result['cells'])} cells finished; tables:")
+    print(f"{finished} of {len(result['cells'])} cells finished in {result['out']} "
+          "(SCENE/PRESET/seedK/{run,eval}); tables:")
     for f in result["files"]:
         print(f"  {f}")
     for m in result["missing"]:

@@ -44,10 +44,11 @@ def run_demo(out: str | Path, model: str = "micro", n: int = 2, steps: int | Non
     """Run the demo into ``out``; returns the grid's path."""
     from dynasyn.augment.pipeline import AugmentConfig, augment
     from dynasyn.config import build_config
-    from dynasyn.generate import generate_images
+    from dynasyn.generate import generate_images, save_png
     from dynasyn.micro.examples import render_example
     from dynasyn.models import resolve_model
-    from dynasyn.train import prepare_run_dir, train
+    from dynasyn.rundir import prepare_run_dir
+    from dynasyn.train import train
 
     out = Path(out)
     resolve_model(model)  # fail early (exit 2) when the model is missing
@@ -84,10 +85,12 @@ def run_demo(out: str | Path, model: str = "micro", n: int = 2, steps: int | Non
             rows.append((f"{kind}: {p}", ims))
     scene_img = Image.open(scene / "img.png").convert("RGB")
     rows.insert(0, ("reference scene", [scene_img]))
-    grid = labelled_grid(rows)
     grid_path = out / "demo_grid.png"
-    grid.save(grid_path)
+    save_png(labelled_grid(rows), grid_path)
     print(f"[demo] done in {time.time() - t0:.0f} s: images in {out / 'images'}, grid {grid_path}")
+    print(f"[demo] the run {run} is self-contained (its scene copy in {run / 'scene'}); next: "
+          f'dynasyn generate {run} "a <asset0> is inside a <asset1>"   or   '
+          f"dynasyn evaluate {run}")
     return grid_path
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,24 +12,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from dynasyn.atomic import atomic_file
 from dynasyn.errors import InputError
+from dynasyn.rundir import EMBEDS, LORA_FILE, RUN_INFO, read_run
 from dynasyn.tokens import placeholders_in
 
-RUN_INFO = "run.json"
-EMBEDS = "learned_embeds.safetensors"
-LORA_FILE = "pytorch_lora_weights.safetensors"
-
-
-def read_run(run: str | Path) -> dict:
-    """The run's ``run.json`` (written last, so its presence marks a finished run)."""
-    run = Path(run)
-    info = run / RUN_INFO
-    if not info.is_file():
-        raise InputError(
-            f"{run} is not a finished dynasyn run (no {RUN_INFO}); train it with `dynasyn train` "
-            "or finish it with `dynasyn train … --resume`"
-        )
-    return json.loads(info.read_text())
+__all__ = ["EMBEDS", "LORA_FILE", "RUN_INFO", "check_placeholders", "draw_caption",
+           "generate_images", "load_run", "make_grid", "read_run", "save_png", "slug"]
 
 
 def load_run(run: str | Path, model: str | None = None, device: str = "auto",
@@ -39,7 +27,8 @@ def load_run(run: str | Path, model: str | None = None, device: str = "auto",
 
     Full mode: the base pipeline with ``unet/`` and ``text_encoder/`` replaced; LoRA mode:
     ``pipe.load_lora_weights(run)``; always: ``pipe.load_textual_inversion`` of the learned
-    placeholder embeddings. The sampler is DDIM.
+    placeholder embeddings. The sampler is DDIM. Works from any working directory: the run's
+    files are read from ``run``, the base model is ``micro``, a hub id or an absolute path.
     """
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -131,16 +120,16 @@ def generate_images(
                       negative_prompt=negative_prompt, generator=g).images[0]
             images.append(im)
             p = out / f"{slug(prompt)}_{seed + j}.png"
-            _save_png(im, p)
+            save_png(im, p)
             written.append(p)
         grid = out / f"{slug(prompt)}_grid.png"
-        _save_png(make_grid(images), grid)
+        save_png(make_grid(images), grid)
         written.append(grid)
     del device
     return written
 
 
-def _save_png(im: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    im.save(tmp, format="PNG")
-    tmp.replace(path)
+def save_png(im: Image.Image, path: str | Path) -> None:
+    """Write a PNG atomically (a temporary name, then a rename)."""
+    with atomic_file(path) as tmp:
+        im.save(tmp, format="PNG")

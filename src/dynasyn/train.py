@@ -11,16 +11,17 @@ weights and optimizer state, so a resumed run ends bit-identical to an uninterru
 Multi-process (``accelerate launch``): every process draws its own samples and gradients are
 averaged with ``accelerator.reduce`` before each optimizer step, so all processes hold identical
 weights (no DDP wrapper: the set of trainable parameters changes between the phases).
+
+What the run directory holds and how it is written (checkpoints, loss log, weights,
+``run.json``, the scene copy) lives in :mod:`dynasyn.rundir`.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-import json
 import logging
 import math
-import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -28,7 +29,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from dynasyn.attention import (
@@ -40,8 +40,7 @@ from dynasyn.attention import (
     store_weights_as,
 )
 from dynasyn.augment.data import AugItem, load_augmented
-from dynasyn.checkpoint import list_checkpoints, load_optimizer, read_checkpoint, write_checkpoint
-from dynasyn.config import TrainConfig, atomic_write_text
+from dynasyn.config import TrainConfig
 from dynasyn.errors import InputError, TrainingError
 from dynasyn.losses import (
     aug_loss,
@@ -52,6 +51,21 @@ from dynasyn.losses import (
     total_loss,
 )
 from dynasyn.models import load_pipeline, resolve_model
+from dynasyn.rundir import (
+    EMBEDS,
+    LORA_FILE,
+    RUN_INFO,
+    append_log,
+    last_checkpoint_note,
+    prepare_run_dir,
+    resolved_config,
+    restore_checkpoint,
+    resume_point,
+    save_checkpoint,
+    save_outputs,
+    start_run,
+    trim_log,
+)
 from dynasyn.sampling import flip_coin, sample_union, step_generator, step_rng
 from dynasyn.scene import Scene, load_scene
 from dynasyn.tokens import (
@@ -65,9 +79,6 @@ from dynasyn.tokens import (
 
 log = logging.getLogger("dynasyn")
 
-RUN_INFO = "run.json"
-EMBEDS = "learned_embeds.safetensors"
-LORA_FILE = "pytorch_lora_weights.safetensors"
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TE_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 CLASS_PROMPT_LIMIT = 512
@@ -493,9 +504,7 @@ class Trainer:
         if self.acc.num_processes > 1:
             bad = self.acc.reduce(bad, reduction="sum")
         if bad.item() > 0:
-            cks = list_checkpoints(self.out / "checkpoints")
-            kept = f"the last good checkpoint is kept at {cks[-1]}" if cks else (
-                "no checkpoint was written (use --checkpoint-every K)")
+            kept = last_checkpoint_note(self.out)
             vals = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingError(
@@ -535,47 +544,14 @@ class Trainer:
             # every non-placeholder row stays bit-identical (also under AdamW weight decay)
             emb[: self.orig_vocab] = self.orig_rows
 
-    # ------------------------------------------------------------------ checkpoints
-    def _weights(self) -> dict[str, dict[str, torch.Tensor]]:
-        w = {"placeholders": {"rows": self.embedding[self.orig_vocab :].detach()}}
-        if self.phase == 2:
-            if self.lora:
-                from peft.utils import get_peft_model_state_dict
-
-                w["unet_lora"] = get_peft_model_state_dict(self.unet)
-                if self.cfg.train_text_encoder:
-                    w["text_encoder_lora"] = get_peft_model_state_dict(
-                        self.text_encoder, save_embedding_layers=False)
-            else:
-                w["unet"] = self.unet.state_dict()
-                if self.cfg.train_text_encoder:
-                    w["text_encoder"] = self.text_encoder.state_dict()
-        return w
-
+    # ------------------------------------------------------------------ run directory
     def save_checkpoint(self, step_in_phase: int, gstep: int) -> None:
-        if self.acc.is_main_process:
-            write_checkpoint(
-                self.out / "checkpoints", f"step-{gstep:06d}", self._weights(), self.optimizer,
-                {"phase": self.phase, "step": step_in_phase, "global_step": gstep},
-                keep=self.cfg.keep_checkpoints,
-            )
-        self.acc.wait_for_everyone()
+        """Write a resumable checkpoint (:func:`dynasyn.rundir.save_checkpoint`)."""
+        save_checkpoint(self, step_in_phase, gstep)
 
-    def _load_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
-        with torch.no_grad():
-            self.embedding[self.orig_vocab :] = weights["placeholders"]["rows"].to(self.device)
-        if "unet" in weights:
-            self.unet.load_state_dict(weights["unet"])
-        if "text_encoder" in weights:
-            self.text_encoder.load_state_dict(weights["text_encoder"])
-        if "unet_lora" in weights:
-            from peft.utils import set_peft_model_state_dict
-
-            set_peft_model_state_dict(self.unet, weights["unet_lora"])
-        if "text_encoder_lora" in weights:
-            from peft.utils import set_peft_model_state_dict
-
-            set_peft_model_state_dict(self.text_encoder, weights["text_encoder_lora"])
+    def save_outputs(self) -> None:
+        """Write the run's weights and ``run.json`` (:func:`dynasyn.rundir.save_outputs`)."""
+        save_outputs(self)
 
     # ------------------------------------------------------------------ main loop
     def run(self, resume: bool = False) -> Path:
@@ -583,21 +559,13 @@ class Trainer:
         cfg = self.cfg
         self.orig_rows = self.embedding[: self.orig_vocab].detach().clone()
         steps = {1: cfg.phase1_steps, 2: cfg.phase2_steps}
-        start_phase, start_step, ck = 1, 0, None
-        if resume:
-            cks = list_checkpoints(self.out / "checkpoints")
-            if cks:
-                ck = cks[-1]
-                state = json.loads((ck / "state.json").read_text())
-                start_phase, start_step = state["phase"], state["step"]
+        start_phase, start_step, ck = resume_point(self.out) if resume else (1, 0, None)
         total = steps[1] + steps[2]
         done = (0 if start_phase == 1 else steps[1]) + start_step
         bar = tqdm(total=total, initial=done, desc="train", unit="step",
                    disable=not (self.progress and self.acc.is_local_main_process))
-        log_path = self.out / "logs" / "losses.jsonl"
         if self.acc.is_main_process:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._trim_log(log_path, done)
+            trim_log(self.out, done)
         t0 = time.time()
         for phase in (1, 2):
             if phase < start_phase or (steps[phase] == 0 and phase != start_phase):
@@ -605,10 +573,7 @@ class Trainer:
             self._setup_phase(phase)
             begin = 0
             if ck is not None and phase == start_phase:
-                _, weights, opt_tensors = read_checkpoint(ck)
-                state = json.loads((ck / "state.json").read_text())
-                self._load_weights(weights)
-                load_optimizer(self.optimizer, opt_tensors, state["optimizer"])
+                restore_checkpoint(self, ck)
                 begin = start_step
             offset = 0 if phase == 1 else steps[1]
             for s in range(begin, steps[phase]):
@@ -617,27 +582,19 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(phase=phase, loss=f"{logs['loss']:.4f}")
                 if self.acc.is_main_process and (s % max(cfg.log_every, 1) == 0 or s + 1 == steps[phase]):
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": gstep + 1, "phase": phase,
-                                            "time": round(time.time() - t0, 3), **logs}) + "\n")
+                    append_log(self.out, {"step": gstep + 1, "phase": phase,
+                                          "time": round(time.time() - t0, 3), **logs})
                 if cfg.checkpoint_every and (
                     (s + 1) % cfg.checkpoint_every == 0 or s + 1 == steps[phase]
                 ):
-                    self.save_checkpoint(s + 1, gstep + 1)
+                    save_checkpoint(self, s + 1, gstep + 1)
         bar.close()
         self.unet.eval()
         self.text_encoder.eval()
         if self.acc.is_main_process:
-            self.save_outputs()
+            save_outputs(self)
         self.acc.wait_for_everyone()
         return self.out
-
-    @staticmethod
-    def _trim_log(path: Path, done: int) -> None:
-        if not path.exists():
-            return
-        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= done]
-        atomic_write_text(path, "".join(x + "\n" for x in keep))
 
     # ------------------------------------------------------------------ outputs
     def pipeline(self):
@@ -656,113 +613,29 @@ class Trainer:
             return "embeddings"
         return "lora" if self.lora else "full"
 
-    def save_outputs(self) -> None:
-        """Write the run directory's weights (atomically, each file via a temporary name)."""
-        out = self.out
-        embeds = {placeholder(i): self.embedding[tid].detach().cpu().clone().contiguous()
-                  for i, tid in enumerate(self.placeholder_ids)}
-        _atomic_save(embeds, out / EMBEDS)
-        if self.mode == "full":
-            _atomic_dir(out / "unet", lambda d: self.unet.save_pretrained(d, safe_serialization=True))
-            if self.cfg.train_text_encoder:
-                _atomic_dir(out / "text_encoder", self._save_text_encoder)
-        elif self.mode == "lora":
-            from diffusers import StableDiffusionPipeline
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft.utils import get_peft_model_state_dict
-
-            unet_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, save_embedding_layers=False))
-            te_sd = None
-            if self.cfg.train_text_encoder:
-                te_sd = convert_state_dict_to_diffusers(
-                    get_peft_model_state_dict(self.text_encoder, save_embedding_layers=False))
-
-            def _save(d: Path) -> None:
-                StableDiffusionPipeline.save_lora_weights(
-                    d, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd,
-                    weight_name=LORA_FILE,
-                )
-
-            tmp = out / ".lora-tmp"
-            _atomic_dir(tmp, _save)
-            (tmp / LORA_FILE).replace(out / LORA_FILE)
-            shutil.rmtree(tmp, ignore_errors=True)
-        if self.cfg.sample_prompts:
-            from dynasyn.generate import generate_images
-
-            generate_images(self.pipeline(), self.cfg.sample_prompts, out / "samples", n=1,
-                            seed=self.cfg.seed, steps=self.cfg.sample_steps, progress=False)
-        info = {
-            "base_model": self.base_model,
-            "mode": self.mode,
-            "placeholders": [placeholder(i) for i in range(self.n)],
-            "classes": self.classes,
-            "phrases": [s.phrase for s in self.scene.subjects],
-            "resolution": self.resolution,
-            "lora_rank": self.cfg.lora_rank,
-        }
-        atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2))
-
-    def _save_text_encoder(self, d: Path) -> None:
-        """Save the text encoder with the *original* vocabulary (placeholders live in EMBEDS)."""
-        te = self.text_encoder
-        sd = {k: v for k, v in te.state_dict().items()}
-        key = next(k for k in sd if k.endswith("token_embedding.weight"))
-        sd[key] = sd[key][: self.orig_vocab].clone()
-        old = te.config.vocab_size
-        te.config.vocab_size = self.orig_vocab
-        try:
-            te.save_pretrained(d, state_dict=sd, safe_serialization=True)
-        finally:
-            te.config.vocab_size = old
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
-
-
-def _atomic_dir(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
-
-
-def prepare_run_dir(out: Path, overwrite: bool, resume: bool, allow_existing: bool = False) -> None:
-    """Refuse to clobber an existing run unless --overwrite / --resume says so."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output {out} exists and is not a directory; choose another --out")
-    if out.exists() and any(out.iterdir()) and not (overwrite or resume or allow_existing):
-        raise InputError(
-            f"output directory {out} already exists; pass --overwrite to replace it "
-            "or --resume to continue it"
-        )
-    if resume and not (out / "config.yaml").is_file():
-        raise InputError(f"cannot resume: {out} has no config.yaml; start a new run without --resume")
-
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
           progress: bool = True, accelerator: Accelerator | None = None,
           allow_existing: bool = False) -> Trainer:
-    """Validate everything, then train into ``out``. Nothing is written before validation."""
+    """Validate everything, then train into ``out``. Nothing is written before validation.
+
+    A new run copies its scene into ``RUN/scene`` and records paths relative to ``RUN``
+    (:func:`dynasyn.rundir.start_run`); with ``resume``, ``cfg`` is the run's recorded
+    ``config.yaml`` and its paths are resolved against ``out``.
+    """
     out = Path(out)
     acc = accelerator or make_accelerator(cfg)
     prepare_run_dir(out, overwrite, resume, allow_existing)
+    if resume:
+        cfg = resolved_config(cfg, out)
     scene = load_scene(cfg.scene, classes=cfg.classes or None)
     trainer = Trainer(cfg, out, scene=scene, accelerator=acc, progress=progress)
     acc.wait_for_everyone()  # every process has validated its inputs before anything is written
     if acc.is_main_process:
-        if overwrite and out.exists() and not resume:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            cfg.save(out / "config.yaml")
+        if resume:
+            out.mkdir(parents=True, exist_ok=True)
+        else:
+            start_run(out, cfg, scene, overwrite=overwrite)
     acc.wait_for_everyone()
     trainer.run(resume=resume)
     return trainer
@@ -782,4 +655,5 @@ def steps_per_second(trainer: Trainer, steps: int = 3) -> float:
     return steps / (time.perf_counter() - t)
 
 
-__all__ = ["Trainer", "train", "prepare_run_dir", "math"]
+__all__ = ["EMBEDS", "LORA_FILE", "RUN_INFO", "Trainer", "make_accelerator", "prepare_run_dir",
+           "steps_per_second", "train"]

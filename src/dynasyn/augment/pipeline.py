@@ -208,8 +208,12 @@ def merge_index(out: Path, keys: list[str]) -> None:
 
 
 def augment(scene_dir: str | Path, out: str | Path, cfg: AugmentConfig, client=None,
-            progress: bool = True) -> Path:
-    """Run Steps 1-4 for a scene into the augmented directory ``out`` (resumable)."""
+            progress: bool = True, classes: list[str] | None = None) -> Path:
+    """Run Steps 1-4 for a scene into the augmented directory ``out`` (resumable).
+
+    ``classes``: one class noun per mask, overriding the scene's ``scene.json`` (needed
+    without one; the command line's ``--classes``).
+    """
     from accelerate import PartialState
 
     from dynasyn.augment.describe import describe_subjects
@@ -218,7 +222,7 @@ def augment(scene_dir: str | Path, out: str | Path, cfg: AugmentConfig, client=N
 
     cfg.validate()
     out = Path(out)
-    scene = load_scene(scene_dir)
+    scene = load_scene(scene_dir, classes=classes)
     model_id = resolve_model(cfg.model)
     classes = scene.classes
     phrases = describe_subjects(scene, provider=cfg.describer, client=client,
@@ -237,6 +241,10 @@ def augment(scene_dir: str | Path, out: str | Path, cfg: AugmentConfig, client=N
     mine = [j for j in range(len(items)) if j % state.num_processes == state.process_index]
     todo = [j for j in mine if not (out / "cache" / keys[j] / "record.json").is_file()]
     bar = tqdm(todo, desc="augment", unit="item", disable=not (progress and state.is_main_process))
+    if todo:  # load the model before the first item, saying so, rather than sit at 0 silently
+        bar.set_postfix_str(f"loading the model {cfg.model}")
+        models.pipe  # noqa: B018 - the property loads the pipeline
+        bar.set_postfix_str("")
     for j in bar:
         item = items[j]
         seed = int(keys[j][:8], 16) % (2**31)

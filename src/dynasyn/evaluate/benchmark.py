@@ -230,7 +230,8 @@ def _presets(presets: Sequence[str] | str) -> list[str]:
     return names
 
 
-def _scenes(scenes: Sequence[str | Path] | str | Path) -> dict[str, Path]:
+def _scenes(scenes: Sequence[str | Path] | str | Path,
+            classes: Sequence[str] | None = None) -> dict[str, Path]:
     if isinstance(scenes, str | Path):
         scenes = [scenes]
     if not scenes:
@@ -238,7 +239,7 @@ def _scenes(scenes: Sequence[str | Path] | str | Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for s in scenes:
         p = Path(s).expanduser().resolve()
-        load_scene(p)  # one-line InputError for a bad scene (or one without classes)
+        load_scene(p, classes=classes)  # one-line InputError for a bad scene (or no classes)
         if p.name in out and out[p.name] != p:
             raise InputError(f"two scenes are named {p.name!r} ({out[p.name]} and {p}); "
                              "cells are named by the scene directory's name, rename one")
@@ -606,13 +607,15 @@ FIGURE = "figure.png"
 
 
 def comparison_figure(cells: Sequence[Cell], per_category: int = 2,
-                      scale: int | None = None) -> Image.Image | None:
+                      scale: int | None = None,
+                      classes: Sequence[str] | None = None) -> Image.Image | None:
     """Methods side by side on the same prompts and noise: one row per preset, for the first
     scene and seed that have finished cells — the reference photo, then the first image of the
     first ``per_category`` prompts of every category (the prompts the first finished cell
     evaluated; every cell uses the same evaluation seed). Pictures are scaled to ``scale``
     pixels (default: their own size, at least 96) and captioned with the class-noun prompt and
-    the preset. Returns None when no cell has finished or its metrics list no images.
+    the preset (``classes``: the scenes' class nouns when they have no ``scene.json``).
+    Returns None when no cell has finished or its metrics list no images.
     """
     from PIL import ImageDraw
 
@@ -638,7 +641,7 @@ def comparison_figure(cells: Sequence[Cell], per_category: int = 2,
             picked.append((rec.get("class_prompt", rec.get("prompt", "")), rec["images"][0]))
     if not picked:
         return None
-    ref = load_scene(first.scene_dir).image
+    ref = load_scene(first.scene_dir, classes=classes).image
     side = scale or max(96, ref.size[0] if ref.size[0] <= 256 else 256)
     label_w, head_h = 110, 34
     fig = Image.new("RGB", (label_w + side * (1 + len(picked)), head_h + side * len(row_cells)),
@@ -677,6 +680,7 @@ def run_benchmark(
     eval_kwargs: dict[str, Any] | None = None,
     augment_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate every (scene, preset, seed) cell into ``out``; write the tables.
 
@@ -696,6 +700,9 @@ def run_benchmark(
         augment_kwargs: :class:`~dynasyn.augment.pipeline.AugmentConfig` values
             (``num_prompts``, ``provider``, …; ``model`` is ``model``).
         progress: print a line per cell and show the training / evaluation progress bars.
+        classes: class nouns, one per mask, for every scene (overriding their
+            ``scene.json``; the command line's ``--classes``): every scene must then have that
+            many masks. Per-scene classes belong in each scene's ``scene.json``.
 
     Returns:
         ``{"out", "main_process", "cells": [{"scene", "preset", "seed", "dir", "status"}],
@@ -711,7 +718,8 @@ def run_benchmark(
     from accelerate import PartialState
 
     # ---------------------------------------------------------------- validate everything
-    scene_dirs = _scenes(scenes)
+    classes = list(classes) if classes else None
+    scene_dirs = _scenes(scenes, classes)
     preset_names = _presets(presets)
     seed_list = _seeds(seeds)
     from dynasyn.models import resolve_model
@@ -722,6 +730,8 @@ def run_benchmark(
     if reserved:
         raise InputError(f"the benchmark sets {reserved[0]!r} of every run itself; "
                          "remove it from the training overrides")
+    if classes:
+        train_ov["classes"] = classes  # every run, and part of the settings a rerun must match
     ev_kw = _eval_kwargs(eval_kwargs)
     categories = list(ev_kw["categories"]) if ev_kw.get("prompt_file") is None else [
         c for c in CATEGORIES]
@@ -762,7 +772,8 @@ def run_benchmark(
                    for c in todo):
                 if say:
                     print(f"benchmark: augmenting {name}", file=sys.stderr, flush=True)
-                augment(scene_dir, out / name / "augmented", aug_cfg, progress=say)
+                augment(scene_dir, out / name / "augmented", aug_cfg, progress=say,
+                        classes=classes)
 
     # ---------------------------------------------------------------- cells
     mine = todo[state.process_index :: state.num_processes]
@@ -788,7 +799,7 @@ def run_benchmark(
               f"evaluation: {_settings_text(settings['evaluate'])}")
     files = _write_tables(out, stats, categories, header) if main else []
     if main:
-        fig = comparison_figure(cells)
+        fig = comparison_figure(cells, classes=classes)
         if fig is not None:
             tmp = out / f".{FIGURE}.tmp"
             fig.save(tmp, format="PNG")

@@ -83,24 +83,24 @@ def _to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def _find_scene(run: Path, cfg_scene: str, scene: str | Path | None) -> Path:
+    """``scene`` (``--scene``) when given, else the run's recorded scene: its copy
+    ``RUN/scene`` (or, for older runs, the path recorded relative to the working directory)."""
+    from dynasyn.rundir import find_run_scene
+
     if scene is not None:
         p = Path(scene)
         if not p.is_dir():
             raise InputError(f"scene directory {p} does not exist; check --scene")
         return p
-    for p in (Path(cfg_scene), run / cfg_scene):
-        if cfg_scene and p.is_dir():
-            return p
-    raise InputError(
-        f"the run's scene {cfg_scene!r} (from {run / 'config.yaml'}) is not found; "
-        "pass --scene DIR with the scene the run was trained on"
-    )
+    return find_run_scene(run, cfg_scene, "pass --scene DIR with the scene the run was trained on")
 
 
 def _find_augmented(run: Path, augmented: str | None) -> Path | None:
+    from dynasyn.rundir import run_path
+
     if not augmented:
         return None
-    for p in (Path(augmented), run / augmented, run / "augmented"):
+    for p in (run_path(run, augmented), run / "augmented"):
         if p.is_dir():
             return p
     return None
@@ -170,6 +170,7 @@ def evaluate(
     dino_model: str | Path | None = None,
     threshold: float | str = "otsu",
     max_sheets: int = 12,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a trained run; write ``metrics.json`` and ``report.html`` into ``out``.
 
@@ -189,11 +190,14 @@ def evaluate(
         progress: show a progress bar.
         limit: prompts per category for the built-in sets (None: all).
         grammar: ``paper``, ``micro`` or ``auto`` (micro for micro-world classes).
-        scene: the scene directory, when the one in ``RUN/config.yaml`` has moved.
+        scene: a scene directory to use instead of the run's own copy (``RUN/scene``; runs
+            from before such copies: the scene recorded in ``RUN/config.yaml``).
         dino_model: a DINO/ViT model directory or hub id for the optional DINO scores.
         threshold: attention-region threshold: ``"otsu"`` (per map) or a fraction in (0, 1)
             of the min-max normalized map.
         max_sheets: contact sheets of the augmented data shown in the report.
+        classes: class nouns of the subjects (one per placeholder) for the scene and the class
+            prompts (CLIP-T, ImageReward); default: the run's (``run.json``).
 
     Returns:
         The metrics dictionary as written to ``metrics.json``, plus ``"out"`` (its directory).
@@ -221,8 +225,11 @@ def evaluate(
         raise InputError("--n and --steps must be >= 1")
     if threshold != "otsu" and not (isinstance(threshold, int | float) and 0 < threshold < 1):
         raise InputError(f"the attention threshold must be 'otsu' or in (0, 1) (got {threshold!r})")
-    classes: list[str] = list(info["classes"])
     placeholders: list[str] = list(info["placeholders"])
+    if classes is not None and len(classes) != len(placeholders):
+        raise InputError(f"--classes: {len(classes)} given but the run has {len(placeholders)} "
+                         f"subjects ({', '.join(placeholders)}); give one class noun per subject")
+    classes = list(classes if classes is not None else info["classes"])
     scene_dir = _find_scene(run, cfg.scene, scene)
     sc = load_scene(scene_dir, classes=classes)
     if len(sc) != len(placeholders):
