@@ -55,6 +55,8 @@ __all__ = [
     "mask_box",
     "mean_std",
     "region_crop",
+    "bootstrap_interval",
+    "wilson_interval",
     "subject_reference",
 ]
 
@@ -478,3 +480,36 @@ def mean_std(values: Iterable[float]) -> dict[str, float | int | None]:
         return {"mean": None, "std": None, "n": 0}
     arr = np.asarray(vals, dtype=np.float64)
     return {"mean": round(float(arr.mean()), 6), "std": round(float(arr.std()), 6), "n": len(vals)}
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``k / n`` (95 % for the default ``z``):
+    ``(p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)``. Raises ValueError for
+    ``n < 1`` or ``k`` outside ``[0, n]``."""
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n and n >= 1 (got k={k}, n={n})")
+    p = k / n
+    z2 = z * z
+    centre = p + z2 / (2 * n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    denom = 1 + z2 / n
+    return max(0.0, (centre - half) / denom), min(1.0, (centre + half) / denom)
+
+
+def bootstrap_interval(groups: Sequence[tuple[int, int]], resamples: int = 2000,
+                       seed: int = 0, level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of a pooled proportion over *groups* (clusters).
+
+    ``groups`` are ``(k, n)`` counts, e.g. one per run (scene x seed); each resample draws as
+    many groups with replacement and pools their counts, so the interval reflects how much
+    the groups differ, not only how many images there are. None without two groups with data.
+    """
+    g = np.asarray([(k, n) for k, n in groups if n > 0], dtype=np.float64).reshape(-1, 2)
+    if len(g) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(g), size=(resamples, len(g)))
+    rates = g[idx, 0].sum(axis=1) / g[idx, 1].sum(axis=1)
+    a = (1 - level) / 2
+    lo, hi = np.quantile(rates, [a, 1 - a])
+    return float(lo), float(hi)
