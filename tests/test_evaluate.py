@@ -65,6 +65,24 @@ def trained_run(tmp_path_factory, tiny_model) -> Path:
     return root / "run"
 
 
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory, tiny_model) -> Path:
+    """A dynasyn run (one step per phase, tiny model) on a copy of the micro example
+    ``star_ball`` (a red striped star and a blue dotted ball)."""
+    import shutil
+
+    from dynasyn.config import build_config
+    from dynasyn.train import train
+
+    root = tmp_path_factory.mktemp("microrun")
+    shutil.copytree(Path(__file__).resolve().parents[1] / "examples" / "star_ball",
+                    root / "scene")
+    cfg = build_config("dynasyn", overrides=dict(model=str(tiny_model), scene=str(root / "scene"),
+                                                 phase1_steps=1, phase2_steps=1, log_every=1))
+    train(cfg, root / "run", progress=False)
+    return root / "run"
+
+
 def _square_scene(bg, pos, size=64, side=16, colour=(220, 40, 40)):
     img = np.zeros((size, size, 3), np.uint8)
     img[...] = bg
@@ -348,6 +366,79 @@ def test_evaluate_writes_metrics_and_a_report_with_working_links(trained_run, ti
         evaluate(trained_run, categories="dancing", clip_model=str(tiny_clip),
                  out=tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_evaluate_scores_micro_runs_exactly_with_the_text_ceiling(micro_run, tiny_clip,
+                                                                   tmp_path, capsys):
+    import copy
+
+    from dynasyn.cli import main
+    from dynasyn.evaluate import evaluate
+    from dynasyn.evaluate.exact import EXACT_METRICS, EXACT_VERSION, Reference, rescore
+
+    out, cache = tmp_path / "eval", tmp_path / "cache"
+    res = evaluate(micro_run, n=2, steps=1, limit=1, clip_model=str(tiny_clip), out=out,
+                   device="cpu", progress=False, ceiling_cache=cache)
+    data = json.loads((out / "metrics.json").read_text())
+    ex = data["exact"]
+    assert ex == res["exact"] and ex["version"] == EXACT_VERSION
+    assert set(EXACT_METRICS) == set(ex["definitions"])
+    assert [(r["class"], r["colour"], r["pattern"]) for r in ex["references"]] == [
+        ("star", "red", "striped"), ("ball", "blue", "dotted")]
+    assert list(ex["categories"]) == ["plain", "action", "interaction"]
+    for cat, subject_images in (("plain", 2), ("action", 2), ("interaction", 4)):
+        st = ex["categories"][cat]
+        assert st["images"] == 2 and st["identity_kept"]["n"] == subject_images
+        for m in ("identity_kept", "identity_mixing"):
+            lo, hi = st[m]["ci95"]
+            assert 0 <= lo <= st[m]["rate"] <= hi <= 1
+        assert st["action_followed"]["n"] == (0 if cat == "plain" else 2)
+    assert ex["overall"]["identity_kept"]["n"] == 8 and ex["overall"]["images"] == 6
+    # the numbers are those of the saved images, read again
+    refs = [Reference(r["class"], r["colour"], r["pattern"]) for r in ex["references"]]
+    again = rescore(copy.deepcopy(data), out, refs)
+    assert again["exact"]["categories"] == ex["categories"]
+    assert again["exact_ceiling"]["overall"] == data["exact_ceiling"]["overall"]
+    # the text ceiling: the base model with identity phrases, same prompts and seeds
+    ceil = data["exact_ceiling"]
+    assert ceil["sampled"] == 6 and ceil["reused"] == 0 and len(list(cache.glob("*.png"))) == 6
+    by_cat = {p["category"]: p for p in ceil["prompts"]}
+    act = by_cat["action"]
+    run_act = next(p for p in data["prompts"] if p["category"] == "action")
+    assert act["template"] == run_act["template"] and act["seeds"] == run_act["seeds"]
+    assert act["prompt"] == act["template"].format("red striped star") and "<asset" not in \
+        act["prompt"]
+    assert "red striped star" in by_cat["interaction"]["prompt"] and \
+        "blue dotted ball" in by_cat["interaction"]["prompt"]
+    for p in ceil["prompts"]:
+        assert all((out / f).is_file() for f in p["images"])
+    html = (out / "report.html").read_text()
+    assert "Exact metrics" in html and "Text ceiling" in html
+    for link in report_links(out / "report.html"):
+        assert (out / link).is_file(), link
+    # again: the ceiling comes from the cache (or the previous evaluation), nothing sampled
+    res2 = evaluate(micro_run, n=2, steps=1, limit=1, clip_model=str(tiny_clip), out=out,
+                    device="cpu", progress=False)
+    assert res2["exact_ceiling"]["sampled"] == 0 and res2["exact_ceiling"]["reused"] == 6
+    assert res2["exact_ceiling"]["overall"] == ceil["overall"]
+    # the command line prints the exact table; --no-ceiling skips the ceiling
+    assert main(["evaluate", str(micro_run), "--prompts", "action", "-n", "1", "--steps", "1",
+                 "--limit", "1", "--clip-model", str(tiny_clip), "--out", str(tmp_path / "e2"),
+                 "--no-progress", "--no-ceiling"]) == 0
+    printed = capsys.readouterr().out
+    assert "identity kept" in printed and "text ceiling skipped" in printed
+    data = json.loads((tmp_path / "e2" / "metrics.json").read_text())
+    assert "exact_ceiling" not in data and data["exact"]["overall"]["images"] == 1
+
+
+def test_evaluate_of_a_scene_outside_the_micro_world_has_no_exact_metrics(trained_run, tiny_clip,
+                                                                          tmp_path):
+    from dynasyn.evaluate import evaluate
+
+    res = evaluate(trained_run, categories="plain", n=1, steps=1, limit=1,
+                   clip_model=str(tiny_clip), out=tmp_path / "ev", device="cpu", progress=False)
+    assert "exact" not in res and "exact_ceiling" not in res
+    assert any(n.startswith("exact metrics skipped") for n in res["notes"])
 
 
 # ------------------------------------------------------------------------------ micro CLIP

@@ -236,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--clip-model", default="micro",
                     help="CLIP for the metrics: micro (bundled, default), a directory or hub id")
     ev.add_argument("--dino-model", help="optional DINO/ViT directory or hub id for DINO scores")
+    ev.add_argument("--no-ceiling", action="store_true",
+                    help="micro-world runs: skip the text ceiling (the base model prompted with "
+                    "the subjects' identity phrases, scored by the same exact metrics)")
+    ev.add_argument("--ceiling-cache", metavar="DIR",
+                    help="directory of text-ceiling images to reuse and add to")
     _add_scene_args(ev, scene="option")
     ev.add_argument("--out", help="output directory (default RUN/eval; a previous evaluation "
                     "there is replaced)")
@@ -263,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="first evaluation seed, the same for every cell (default 0)")
     bm.add_argument("--clip-model", default="micro",
                     help="CLIP for the metrics: micro (bundled, default), a directory or hub id")
+    bm.add_argument("--no-ceiling", action="store_true",
+                    help="micro-world scenes: skip the text ceiling (computed once per scene "
+                    "otherwise, cached in OUT/ceiling_cache)")
     bm.add_argument("--num-prompts", type=int, default=30,
                     help="augmented prompts per scene for presets with L_AUG (default 30)")
     bm.add_argument("--provider", default="template", choices=["template", "micro"],
@@ -395,6 +403,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         limit=args.limit,
         scene=args.scene,
         dino_model=args.dino_model,
+        ceiling=not args.no_ceiling,
+        ceiling_cache=args.ceiling_cache,
         **_scene_options(args),
     )
     print(summary_table(result))
@@ -422,7 +432,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         model=args.model,
         train_overrides=overrides,
         eval_kwargs=dict(n=args.n, steps=args.steps, limit=args.limit, seed=args.eval_seed,
-                         clip_model=args.clip_model, device=args.device),
+                         clip_model=args.clip_model, device=args.device,
+                         **({"ceiling": False} if args.no_ceiling else {})),
         augment_kwargs=dict(num_prompts=args.num_prompts, provider=args.provider),
         progress=not args.no_progress,
         **_scene_options(args),

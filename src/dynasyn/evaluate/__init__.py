@@ -3,7 +3,9 @@
 - :func:`evaluate` (:mod:`dynasyn.evaluate.run`): render a run's evaluation prompts, score
   them, write ``metrics.json`` and ``report.html``;
 - :mod:`dynasyn.evaluate.metrics`: CLIP-I, CLIP-T, identity-in-region (:class:`ClipScorer`),
-  optional ImageReward and DINO;
+  optional ImageReward and DINO; Wilson and bootstrap intervals;
+- :mod:`dynasyn.evaluate.exact`: exact metrics of micro-world images by the micro parser
+  (identity kept, action followed, identity mixing) and the text ceiling;
 - :mod:`dynasyn.evaluate.prompts`: the paper's Plain / Action / Interaction prompts generalized
   to any scene by slots (:func:`prompt_sets`), the micro world's grammar, prompt files;
 - :mod:`dynasyn.evaluate.report`: the report's pictures and page.
@@ -11,6 +13,7 @@
 
 from __future__ import annotations
 
+from dynasyn.evaluate.exact import EXACT_DEFINITIONS, EXACT_METRICS, score_image
 from dynasyn.evaluate.metrics import (
     ClipScorer,
     DinoScorer,
@@ -20,6 +23,7 @@ from dynasyn.evaluate.metrics import (
     mean_std,
     region_crop,
     subject_reference,
+    wilson_interval,
 )
 from dynasyn.evaluate.prompts import (
     CATEGORIES,
@@ -33,6 +37,8 @@ from dynasyn.evaluate.run import METRICS, evaluate
 
 __all__ = [
     "CATEGORIES",
+    "EXACT_DEFINITIONS",
+    "EXACT_METRICS",
     "METRICS",
     "PAPER_PROMPTS",
     "ClipScorer",
@@ -47,5 +53,7 @@ __all__ = [
     "prompt_sets",
     "read_prompt_file",
     "region_crop",
+    "score_image",
     "subject_reference",
+    "wilson_interval",
 ]

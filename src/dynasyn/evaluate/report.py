@@ -26,6 +26,9 @@ from PIL import Image, ImageDraw, ImageFont
 __all__ = [
     "METRIC_LABELS",
     "ASSETS",
+    "EXACT_LABELS",
+    "exact_table",
+    "format_rate",
     "heat_overlay",
     "labelled_grid",
     "loss_curves",
@@ -49,6 +52,14 @@ METRIC_LABELS: dict[str, str] = {
     "dino_i_subject": "DINO subject",
 }
 """Column titles of the metrics table."""
+
+EXACT_LABELS: dict[str, str] = {
+    "identity_kept": "identity kept",
+    "action_followed": "action followed",
+    "identity_and_action": "identity & action",
+    "identity_mixing": "identity mixing",
+}
+"""Column titles of the exact-metrics table (micro-world runs)."""
 
 _LOSS_KEYS = ("loss", "md", "m2a", "ica", "aug")
 _LOSS_COLOURS = {"loss": (30, 30, 30), "md": (31, 119, 180), "m2a": (255, 127, 14),
@@ -284,8 +295,94 @@ def _metrics_table(result: dict[str, Any]) -> str:
             f"<ul style='font-size:13px'>{legend}</ul>")
 
 
+def format_rate(stat: dict[str, Any] | None, interval: str = "ci95") -> str:
+    """``"62.5 % [30.6, 86.3]"`` for a rate with its interval; ``"–"`` without data."""
+    if not stat or stat.get("rate") is None:
+        return "–"
+    text = f"{100 * stat['rate']:.1f} %"
+    ci = stat.get(interval)
+    return f"{text} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else text
+
+
+def _exact_rows(result: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(category, source, {metric: rate}) rows: the run's, then the text ceiling's."""
+    rows = []
+    for key, source in (("exact", "this run"), ("exact_ceiling", "text ceiling")):
+        block = result.get(key)
+        if not block:
+            continue
+        for cat, stats in [*block.get("categories", {}).items(),
+                           ("overall", block.get("overall", {}))]:
+            rows.append((cat, source, stats))
+    return rows
+
+
+def exact_table(result: dict[str, Any]) -> str:
+    """The exact metrics (and the text ceiling) as plain text, for the terminal; empty when
+    the evaluation has none."""
+    rows = _exact_rows(result)
+    if not rows:
+        return ""
+    head = ["exact metrics", "source", "images", *EXACT_LABELS.values()]
+    body = []
+    for cat, source, stats in rows:
+        body.append([cat, source, str(stats.get("images", "")),
+                     *(format_rate(stats.get(m)) for m in EXACT_LABELS)])
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in [head, *body]]
+    return "\n".join(lines + ["(rates with 95 % Wilson intervals; identity and mixing per "
+                               "image and prompted subject, action per image)"])
+
+
+def _exact_html(result: dict[str, Any]) -> str:
+    rows = _exact_rows(result)
+    if not rows:
+        return ""
+    defs = result.get("exact", {}).get("definitions", {})
+    head = "".join(f'<th title="{_e(defs.get(m, ""))}">{_e(label)}</th>'
+                   for m, label in EXACT_LABELS.items())
+    body = "".join(
+        f"<tr><th>{_e(cat)}</th><td>{_e(source)}</td>"
+        f"<td class='num'>{_e(stats.get('images', ''))}</td>"
+        + "".join(f'<td class="num">{_e(format_rate(stats.get(m)))}</td>' for m in EXACT_LABELS)
+        + "</tr>" for cat, source, stats in rows)
+    refs = ", ".join(f"<code>&lt;asset{i}&gt;</code> {_e(' '.join(str(v) for v in (r.get('colour'), r.get('pattern'), r.get('class')) if v))}"
+                     for i, r in enumerate(result.get("exact", {}).get("references", [])))
+    legend = "".join(f"<li><b>{_e(EXACT_LABELS[m])}</b>: {_e(d)}</li>" for m, d in defs.items()
+                     if m in EXACT_LABELS)
+    ceiling = result.get("exact_ceiling")
+    note = ""
+    if ceiling:
+        note = (f"<p>Text ceiling: the base model <code>{_e(ceiling.get('model'))}</code> "
+                "prompted with each subject's identity phrase instead of its placeholder, same "
+                "prompts and seeds.</p>")
+    return ("<h2>Exact metrics (micro parser)</h2>"
+            f"<p>reference identities: {refs}</p>{note}"
+            f"<table><tr><th>category</th><th>source</th><th>images</th>{head}</tr>{body}"
+            "</table>"
+            "<p style='font-size:13px'>rate [95 % Wilson interval]; identity and mixing per "
+            "image and prompted subject, action per image</p>"
+            f"<ul style='font-size:13px'>{legend}</ul>")
+
+
+def _exact_cell(p: dict[str, Any]) -> str:
+    summary = (p.get("exact") or {}).get("summary")
+    if not summary:
+        return ""
+    parts = []
+    for m, short in (("identity_kept", "ID"), ("action_followed", "act"),
+                     ("identity_mixing", "mix")):
+        st = summary.get(m) or {}
+        if st.get("n"):
+            parts.append(f"{short} {st['k']}/{st['n']}")
+    return f"<td>{_e(' · '.join(parts))}</td>"
+
+
 def _prompt_table(prompts: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
     head = "".join(f"<th>{_e(METRIC_LABELS[m])}</th>" for m in names)
+    if any(p.get("exact") for p in prompts):
+        head += "<th>exact</th>"
     rows = []
     for p in prompts:
         grid = p.get("grid")
@@ -296,7 +393,7 @@ def _prompt_table(prompts: Sequence[dict[str, Any]], names: Sequence[str]) -> st
         rows.append(
             f"<tr><td>{img}</td><td><code>{_e(p['prompt'])}</code><br>"
             f"<small>{_e(p['class_prompt'])}</small>{fb_note}</td>"
-            + "".join(_cell(p["summary"].get(m)) for m in names) + "</tr>"
+            + "".join(_cell(p["summary"].get(m)) for m in names) + _exact_cell(p) + "</tr>"
         )
     return f"<table><tr><th>images</th><th>prompt</th>{head}</tr>{''.join(rows)}</table>"
 
@@ -337,6 +434,7 @@ def write_report(
         parts.append(f"<p class='note'>{_e(note)}</p>")
 
     parts.append("<h2>Metrics</h2>" + _metrics_table(result))
+    parts.append(_exact_html(result))
 
     # scene
     scene_png = assets / "scene.png"
@@ -387,6 +485,21 @@ def write_report(
             parts.append(f"<h3>Placeholder attention: <code>{_e(att['prompt'])}</code></h3>"
                          f"<div class='row'>{figs}</div>")
 
+    # text ceiling
+    ceiling = (result.get("exact_ceiling") or {}).get("prompts", [])
+    rows = []
+    for p in ceiling:
+        ims = [Image.open(out / f) for f in p.get("images", []) if (out / f).is_file()]
+        if ims:
+            rows.append((p["prompt"], ims))
+    if rows:
+        labelled_grid(rows).save(assets / "grid_ceiling.png")
+        parts.append("<h2>Text ceiling</h2><p>the base model with identity phrases, same seeds"
+                     f"</p><img class='px' src='{ASSETS}/grid_ceiling.png' alt='ceiling grid' "
+                     "style='max-width:100%'>")
+        parts.append(_prompt_table([dict(p, summary={}, class_prompt=p.get("class_prompt", ""))
+                                    for p in ceiling], []))
+
     # training losses
     curves = loss_curves(read_losses(Path(run) / "logs" / "losses.jsonl"))
     parts.append("<h2>Training losses</h2>")
@@ -423,4 +536,5 @@ def summary_table(result: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
              for r in [head, *rows]]
-    return "\n".join(lines)
+    exact = exact_table(result)
+    return "\n".join(lines) + (f"\n\n{exact}" if exact else "")

@@ -15,6 +15,15 @@ is scored (:mod:`dynasyn.evaluate.metrics`):
   augmentation's pseudo masks: Otsu threshold, overlaps resolved, largest component), averaged;
 - ``image_reward`` / ``dino_i`` / ``dino_i_subject`` when available.
 
+For a micro-world scene (every class one of the micro world's) every image is also read by the
+micro parser and scored exactly (:mod:`dynasyn.evaluate.exact`: ``identity_kept``,
+``action_followed``, ``identity_and_action``, ``identity_mixing``, rates with 95 % Wilson
+intervals per category and overall, ``"exact"`` in ``metrics.json``), and beside them the *text
+ceiling* (``"exact_ceiling"``): the run's base model prompted with each subject's identity
+phrase instead of its placeholder ("a red striped star is jumping"), same prompts and seeds,
+scored the same way (``ceiling=False`` / ``--no-ceiling`` skips it; its images are reused from
+``ceiling_cache`` or from a previous evaluation in ``out``).
+
 ``metrics.json`` holds every per-image score, and mean ± std (population std, over images) per
 prompt, per category and overall; ``report.html`` shows the pictures. The output directory is
 assembled under a temporary name beside it and renamed into place when complete, so a reader
@@ -37,6 +46,16 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dynasyn.errors import InputError
+from dynasyn.evaluate.exact import (
+    ceiling_images,
+    exact_block,
+    phrase_prompt,
+    prompt_meaning,
+    prompt_rates,
+    scene_references,
+    score_image,
+    summarize,
+)
 from dynasyn.evaluate.metrics import (
     ClipScorer,
     DinoScorer,
@@ -151,6 +170,62 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b)
 
 
+def _previous_ceiling(out: Path) -> dict[str, Path]:
+    """Ceiling images of a previous evaluation in ``out``: cache key -> file."""
+    try:
+        old = json.loads((out / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    known: dict[str, Path] = {}
+    for rec in (old.get("exact_ceiling") or {}).get("prompts", []):
+        for key, path in zip(rec.get("keys", []), rec.get("images", []), strict=False):
+            known[str(key)] = out / str(path)
+    return known
+
+
+def _text_ceiling(base_model: str, records: Sequence[dict[str, Any]], refs: Sequence[Any],
+                  tmp: Path, out: Path, *, n: int, seed: int, steps: int, guidance: float,
+                  device: str, cache_dir: str | Path | None, progress: bool) -> dict[str, Any]:
+    """Render every evaluated prompt with the base model and the subjects' identity phrases
+    (same seeds), save the images under ``tmp/ceiling`` and score them exactly."""
+    from dynasyn.generate import slug
+
+    t0 = time.time()
+    seeds = [seed + j for j in range(n)]
+    texts = [phrase_prompt(r["template"], r["subjects"], refs) for r in records]
+    unique = list(dict.fromkeys(texts))
+    images, keys, sampled = ceiling_images(
+        base_model, unique, seeds, steps, guidance, device=device, cache_dir=cache_dir,
+        known=_previous_ceiling(out), progress=progress)
+    by_text = {t: (ims, ks) for t, ims, ks in zip(unique, images, keys, strict=True)}
+    out_records: list[dict[str, Any]] = []
+    used: dict[str, set[str]] = {}
+    for r, text in zip(records, texts, strict=True):
+        ims, ks = by_text[text]
+        cat_dir = tmp / "ceiling" / r["category"]
+        cat_dir.mkdir(parents=True, exist_ok=True)
+        name = slug(text)
+        while name in used.setdefault(r["category"], set()):
+            name += "-x"
+        used[r["category"]].add(name)
+        paths = []
+        for s, im in zip(seeds, ims, strict=True):
+            f = cat_dir / f"{name}_{s}.png"
+            im.save(f)
+            paths.append(f.relative_to(tmp).as_posix())
+        meaning = prompt_meaning(r["class_prompt"])
+        scored = [score_image(im, r["subjects"], refs, meaning) for im in ims]
+        out_records.append({
+            "category": r["category"], "template": r["template"], "subjects": r["subjects"],
+            "prompt": text, "class_prompt": r["class_prompt"], "seeds": seeds,
+            "images": paths, "keys": ks,
+            "exact": {"images": scored, "summary": prompt_rates(scored)},
+        })
+    return {"model": base_model, "prompts": out_records, "sampled": sampled,
+            "reused": len(unique) * n - sampled, "seconds": round(time.time() - t0, 1),
+            **summarize(out_records)}
+
+
 def evaluate(
     run: str | Path,
     categories: Sequence[str] | str = CATEGORIES,
@@ -171,6 +246,8 @@ def evaluate(
     threshold: float | str = "otsu",
     max_sheets: int = 12,
     classes: Sequence[str] | None = None,
+    ceiling: bool = True,
+    ceiling_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a trained run; write ``metrics.json`` and ``report.html`` into ``out``.
 
@@ -198,6 +275,12 @@ def evaluate(
         max_sheets: contact sheets of the augmented data shown in the report.
         classes: class nouns of the subjects (one per placeholder) for the scene and the class
             prompts (CLIP-T, ImageReward); default: the run's (``run.json``).
+        ceiling: for micro-world scenes, also render the *text ceiling* (the base model
+            prompted with each subject's identity phrase, same prompts and seeds) and score it
+            with the same exact metrics (``"exact_ceiling"``).
+        ceiling_cache: a directory of ceiling images to reuse and add to (``<key>.png``, the
+            key covering base model, prompt, seed, steps and guidance); without one, the
+            ceiling images of a previous evaluation in ``out`` are reused.
 
     Returns:
         The metrics dictionary as written to ``metrics.json``, plus ``"out"`` (its directory).
@@ -232,6 +315,7 @@ def evaluate(
     classes = list(classes if classes is not None else info["classes"])
     scene_dir = _find_scene(run, cfg.scene, scene)
     sc = load_scene(scene_dir, classes=classes)
+    refs = scene_references(sc) if is_micro_scene(classes) else None
     if len(sc) != len(placeholders):
         raise InputError(f"scene {scene_dir} has {len(sc)} subjects but the run has "
                          f"{len(placeholders)}; pass the scene the run was trained on")
@@ -278,6 +362,9 @@ def evaluate(
                                          [placeholder(s) for s in p.subjects])
                for cat, prompts in sets.items() for i, p in enumerate(prompts)}
 
+    if refs is None:
+        notes.append("exact metrics skipped: they need a micro-world scene (every class one of "
+                     "the micro world's)")
     metric_names = ["clip_t", "clip_i", "clip_i_subject", "identity_region"]
     if reward is not None:
         metric_names.append("image_reward")
@@ -311,6 +398,8 @@ def evaluate(
                 scores: dict[str, list[float]] = {m: [] for m in metric_names}
                 attention: list[dict[str, Any]] = []
                 prompt_fallbacks = 0
+                meaning = prompt_meaning(class_text) if refs is not None else None
+                exact_images: list[dict[str, Any]] = []
                 for j in range(n):
                     g = torch.Generator(device="cpu").manual_seed(seed + j)
 
@@ -327,6 +416,8 @@ def evaluate(
                     img = result.images[0].convert("RGB")
                     images.append(img)
                     img.save(cat_dir / f"{name}_{seed + j}.png")
+                    if refs is not None and meaning is not None:
+                        exact_images.append(score_image(img, p.subjects, refs, meaning))
                     regions = ([None] * k if cond is None
                                else attention_regions(cond, img.width, threshold)
                                if img.width == img.height
@@ -376,8 +467,21 @@ def evaluate(
                     "region_fallbacks": prompt_fallbacks,
                     "scores": {m: [round(v, 6) for v in vals] for m, vals in scores.items()},
                     "summary": {m: mean_std(vals) for m, vals in scores.items()},
+                    **({"exact": {"images": exact_images, "summary": prompt_rates(exact_images)}}
+                       if refs is not None else {}),
                 })
         bar.close()
+        seconds = round(time.time() - t0, 1)
+        exact = exact_ceiling = None
+        if refs is not None:
+            exact = exact_block(records, refs)
+            if ceiling:
+                del pipe, store
+                exact_ceiling = _text_ceiling(
+                    info["base_model"], records, refs, tmp, out, n=n, seed=seed, steps=steps,
+                    guidance=guidance, device=device, cache_dir=ceiling_cache, progress=progress)
+            else:
+                notes.append("text ceiling skipped (--no-ceiling)")
         if fallbacks:
             notes.append(f"identity_region used the whole image for {fallbacks} of {renders} "
                          "subject renders (empty attention map)")
@@ -412,7 +516,9 @@ def evaluate(
             },
             "overall": {m: mean_std(v for r in records for v in r["scores"][m])
                         for m in metric_names},
-            "seconds": round(time.time() - t0, 1),
+            **({"exact": exact} if exact is not None else {}),
+            **({"exact_ceiling": exact_ceiling} if exact_ceiling is not None else {}),
+            "seconds": seconds,
         }
         atomic_write_text(tmp / METRICS_FILE, json.dumps(result_dict, indent=2) + "\n")
         write_report(tmp, result_dict, ref, masks, run,
