@@ -20,9 +20,17 @@ from dynasyn.attention import (
     store_weights_as,
 )
 from dynasyn.bpe import clip_tokenizer
+from dynasyn.errors import InputError
 from dynasyn.sampling import maybe_flip, sample_union, step_generator, step_rng
 from dynasyn.tiny import tiny_pipeline
-from dynasyn.tokens import add_placeholders, encode_template, token_weights, union_template
+from dynasyn.tokens import (
+    add_placeholders,
+    encode_template,
+    expand_placeholders,
+    init_words,
+    token_weights,
+    union_template,
+)
 
 
 def test_real_clip_tokenizer_ids():
@@ -37,11 +45,40 @@ def test_placeholders_initialized_from_class_noun_mean():
     before = te.get_input_embeddings().weight.detach().clone()
     ids = add_placeholders(tok, te, ["panda", "teddy bear"])
     w = te.get_input_embeddings().weight
-    assert ids == [49408, 49409] and w.shape[0] == 49410
+    assert ids == [[49408], [49409]] and w.shape[0] == 49410
     assert torch.equal(w[:49408], before)
-    assert torch.equal(w[ids[0]], before[tok("panda", add_special_tokens=False).input_ids].mean(0))
+    assert torch.equal(w[ids[0][0]], before[tok("panda", add_special_tokens=False).input_ids].mean(0))
     teddy = tok("teddy bear", add_special_tokens=False).input_ids
-    assert len(teddy) == 2 and torch.allclose(w[ids[1]], before[teddy].mean(0))
+    assert len(teddy) == 2 and torch.allclose(w[ids[1][0]], before[teddy].mean(0))
+
+
+def test_init_words_groups_a_phrase_into_vectors():
+    assert init_words("a green checkered heart", 0) == ["green", "checkered", "heart"]
+    assert init_words("green checkered heart", 2) == ["green checkered", "heart"]
+    assert init_words("heart", 3) == ["heart", "heart", "heart"]
+    assert init_words("red ball", 1) == ["red ball"]
+    with pytest.raises(InputError, match="no word"):
+        init_words("  the ", 2)
+
+
+def test_multi_vector_placeholders_start_at_the_phrase_and_expand_in_prompts():
+    pipe = tiny_pipeline()
+    tok, te = pipe.tokenizer, pipe.text_encoder
+    before = te.get_input_embeddings().weight.detach().clone()
+    ids = add_placeholders(tok, te, ["heart", "bowl"], vectors=0,
+                           init_texts=["green checkered heart", None])
+    assert [len(i) for i in ids] == [3, 1]
+    assert tok.convert_ids_to_tokens(ids[0]) == ["<asset0>", "<asset0>_1", "<asset0>_2"]
+    w = te.get_input_embeddings().weight
+    for tid, word in zip(ids[0], ["green", "checkered", "heart"], strict=True):
+        assert torch.equal(w[tid], before[tok(word, add_special_tokens=False).input_ids].mean(0))
+    assert torch.equal(w[ids[1][0]], before[tok("bowl", add_special_tokens=False).input_ids].mean(0))
+    assert expand_placeholders("<asset0> and <asset1>", tok) == "<asset0> <asset0>_1 <asset0>_2 and <asset1>"
+    # the same expansion as diffusers' own maybe_convert_prompt, so stock pipelines agree
+    assert pipe.maybe_convert_prompt("a <asset0> and <asset1>", tok) == expand_placeholders(
+        "a <asset0> and <asset1>", tok)
+    e = encode_template(tok, "a {0} is next to {1}", ["<asset0>", "<asset1>"])
+    assert [e.input_ids[s].tolist() for s in e.spans] == [ids[0], ids[1]]
 
 
 def test_encode_template_spans_match_full_tokenization():

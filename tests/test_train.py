@@ -18,6 +18,7 @@ from dynasyn.config import build_config
 from dynasyn.errors import InputError, TrainingError
 from dynasyn.presets import PRESETS
 from dynasyn.sampling import step_generator, step_rng
+from dynasyn.tiny import synthetic_scene
 from dynasyn.train import Trainer, train
 
 
@@ -145,6 +146,26 @@ def test_full_mode_outputs_reload_with_stock_diffusers_calls(tiny_model, scene2,
     assert np.array_equal(_render(pipe), expected)
     info = json.loads((run / "run.json").read_text())
     assert info["mode"] == "full" and info["placeholders"] == ["<asset0>", "<asset1>"]
+
+
+def test_multi_vector_phrase_placeholders_train_save_and_reload(tiny_model, tmp_path):
+    scene = synthetic_scene(tmp_path / "scene", 2)
+    meta = json.loads((scene / "scene.json").read_text())
+    meta["subjects"][0]["phrase"] = "red striped panda"
+    (scene / "scene.json").write_text(json.dumps(meta))
+    run = tmp_path / "run"
+    cfg = _cfg(tiny_model, scene, placeholder_vectors=0, placeholder_init="phrase",
+               phase2_steps=0)
+    tr = train(cfg, run, progress=False)
+    sd = load_file(str(run / "learned_embeds.safetensors"))
+    assert sd["<asset0>"].shape == (3, 32) and sd["<asset1>"].shape == (32,)
+    base = _base(tiny_model).text_encoder.get_input_embeddings().weight
+    ids0 = tr.tokenizer("striped", add_special_tokens=False).input_ids
+    assert not torch.equal(sd["<asset0>"][1], base[ids0].mean(0))  # trained away from its init
+    expected = _render(tr.pipeline())
+    pipe = _base(tiny_model)
+    pipe.load_textual_inversion(list(sd.values()), token=list(sd.keys()))
+    assert np.array_equal(_render(pipe), expected)
 
 
 def test_lora_mode_outputs_reload_with_load_lora_weights(tiny_model, scene2, tmp_path):

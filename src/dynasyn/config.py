@@ -55,6 +55,11 @@ class TrainConfig:
     prior_dtype: str = "auto"
     attention_downsample: int | None = None
     single_subject: bool = False
+    # placeholders: tokens per placeholder (0 = one per word of its init text) and what they
+    # start from ("class": the class noun; "phrase": the subject's noun phrase, from scene.json
+    # or Step 1, falling back to the class noun where a subject has none)
+    placeholder_vectors: int = 1
+    placeholder_init: str = "class"
     flip_p: float = 0.5
     prompt_prefix: str = "a photo of"
     # phase 2 mode
@@ -91,6 +96,11 @@ class TrainConfig:
             raise InputError("phase1_steps + phase2_steps is 0: nothing to train")
         if all(v <= 0 for v in self.lambdas.values()):
             raise InputError("every loss weight (lambda_*) is 0: nothing to train")
+        if self.placeholder_vectors < 0:
+            raise InputError(f"placeholder_vectors must be >= 0 (got {self.placeholder_vectors})")
+        if self.placeholder_init not in ("class", "phrase"):
+            raise InputError("placeholder_init must be 'class' or 'phrase' "
+                             f"(got {self.placeholder_init!r})")
         if self.optimizer not in ("adam", "adamw"):
             raise InputError(f"optimizer must be 'adam' or 'adamw' (got {self.optimizer!r})")
         if self.prior_model not in ("frozen", "current"):

@@ -344,8 +344,11 @@ def save_outputs(trainer: Trainer) -> None:
 
     out, cfg = Path(trainer.out), trainer.cfg
     emb = trainer.embedding
-    save_tensors({placeholder(i): emb[tid].detach().cpu().clone().contiguous()
-                  for i, tid in enumerate(trainer.placeholder_ids)}, out / EMBEDS)
+    # one key per placeholder: a (dim,) row, or (vectors, dim) rows for a multi-vector one
+    # (stock load_textual_inversion names them <asset0>, <asset0>_1, …)
+    save_tensors({placeholder(i): emb[tids[0] if len(tids) == 1 else tids].detach().cpu()
+                  .clone().contiguous() for i, tids in enumerate(trainer.placeholder_ids)},
+                 out / EMBEDS)
     if trainer.mode == "full":
         atomic_dir(out / "unet", lambda d: trainer.unet.save_pretrained(d, safe_serialization=True))
         if cfg.train_text_encoder:

@@ -128,7 +128,11 @@ class Trainer:
         self.resolution = cfg.resolution or self.unet.config.sample_size * vae_factor
 
         self.orig_vocab = len(self.tokenizer)
-        self.placeholder_ids = add_placeholders(self.tokenizer, self.text_encoder, self.classes)
+        phrases = list(cfg.phrases) or [s.phrase for s in self.scene.subjects]
+        self.placeholder_ids = add_placeholders(
+            self.tokenizer, self.text_encoder, self.classes, vectors=cfg.placeholder_vectors,
+            init_texts=phrases if cfg.placeholder_init == "phrase" else None,
+        )
         for m in (self.vae, self.unet, self.text_encoder):
             m.requires_grad_(False)
         try:
