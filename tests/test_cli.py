@@ -114,6 +114,19 @@ def test_paper_values_are_the_dynasyn_defaults():
     assert cfg.optimizer == "adam"
 
 
+def test_micro_recipe_applies_on_the_micro_model_only_and_yields_to_explicit_values(tmp_path):
+    micro = build_config("break-a-scene", overrides={"model": "micro"})
+    assert (micro.placeholder_vectors, micro.placeholder_init) == (0, "phrase")
+    other = build_config("dynasyn", overrides={"model": str(tmp_path)})
+    assert (other.placeholder_vectors, other.placeholder_init) == (1, "class")
+    f = tmp_path / "c.yaml"
+    f.write_text("placeholder_init: class\n")
+    mixed = build_config("dynasyn", f, {"model": "micro", "placeholder_vectors": 2})
+    assert (mixed.placeholder_vectors, mixed.placeholder_init) == (2, "class")
+    with pytest.raises(InputError, match="placeholder_init must be"):
+        build_config("dynasyn", overrides={"placeholder_init": "random"})
+
+
 def test_train_then_generate_and_refuse_unknown_placeholder(capsys, scene2, tmp_path,
                                                             train_args):
     run = tmp_path / "run"

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from dynasyn.errors import InputError
-from dynasyn.presets import PRESETS
+from dynasyn.presets import MICRO_RECIPE, PRESETS
 
 PRIOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
 """Valid ``prior_dtype`` values."""
@@ -171,7 +171,8 @@ def build_config(
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> TrainConfig:
-    """Preset defaults, then a YAML file's values, then explicit overrides (None = unset)."""
+    """Preset defaults, then the micro recipe (on the bundled micro model only), then a YAML
+    file's values, then explicit overrides (None = unset)."""
     values: dict[str, Any] = {}
     file_values: dict[str, Any] = {}
     if config_file is not None:
@@ -193,6 +194,9 @@ def build_config(
     if preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     values.update(PRESETS[preset])
+    model = overrides.get("model", file_values.get("model", TrainConfig.model))
+    if str(model) == "micro":
+        values.update(MICRO_RECIPE)
     values.update(file_values)
     values.update(overrides)
     values["preset"] = preset
