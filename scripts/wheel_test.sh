@@ -3,7 +3,7 @@
 # fresh venv OUTSIDE the checkout (so the source tree cannot be imported), and run it there:
 # `dynasyn --version` and the offline `dynasyn demo`, whose grid must be written.
 #
-#   bash scripts/wheel_test.sh             # about 2-3 minutes on 2 CPU cores
+#   bash scripts/wheel_test.sh             # about 2 minutes on 2 quiet CPU cores
 #   KEEP=1 bash scripts/wheel_test.sh      # keep the temporary folder (printed) for a look
 #
 # Torch is installed first (TORCH_SPEC, default torch==2.13.0, the CPU build here), then the
@@ -66,8 +66,10 @@ case "$cli_version" in
 esac
 step "dynasyn --version: $cli_version (imported from $where)"
 
-step "dynasyn demo --out $TMP/demo"
-dynasyn demo --out "$TMP/demo" --no-progress
+# one torch thread by default: on a CPU shared with other jobs, several spinning threads per
+# process slow everything down many times over (WHEEL_TEST_THREADS=2 on a machine of your own)
+step "dynasyn demo --out $TMP/demo (${WHEEL_TEST_THREADS:-1} thread(s))"
+OMP_NUM_THREADS=${WHEEL_TEST_THREADS:-1} dynasyn demo --out "$TMP/demo" --no-progress
 if [ ! -s "$TMP/demo/demo_grid.png" ]; then
   echo "wheel_test: FAIL: dynasyn demo wrote no $TMP/demo/demo_grid.png" >&2
   exit 1

@@ -21,7 +21,8 @@ def test_wheel_installs_outside_the_checkout_and_runs_the_demo(tmp_path: Path):
     """Build the sdist + wheel, install into a fresh venv in a temp dir, run --version and demo.
 
     Needs the package index (the wheel's dependencies are installed by pip) and about
-    2-3 minutes on 2 CPU cores; `bash scripts/wheel_test.sh` runs the same check by hand.
+    2 minutes on 2 quiet CPU cores (install ~50 s, demo ~70 s), many times that on a machine
+    shared with other jobs, hence slow; `bash scripts/wheel_test.sh` runs the same check.
     """
     if shutil.which("bash") is None:
         pytest.skip("needs bash")
