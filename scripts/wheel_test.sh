@@ -43,6 +43,15 @@ if [ -z "$want" ] || [ "$want" != "$have" ]; then
   exit 1
 fi
 step "the wheel carries the $(echo "$want" | wc -l) files of src/dynasyn/micro/weights"
+# ... and every module of the package (a folder without __init__.py would be left out)
+want=$(cd "$REPO/src" && find dynasyn -name '*.py' -not -path '*/__pycache__/*' | sort)
+have=$(python -c "import sys, zipfile; print('\n'.join(sorted(n for n in zipfile.ZipFile(sys.argv[1]).namelist() if n.endswith('.py'))))" "$WHEEL")
+if [ "$want" != "$have" ]; then
+  echo "wheel_test: FAIL: the wheel's modules differ from src/dynasyn (< source, > wheel):" >&2
+  diff <(echo "$want") <(echo "$have") >&2 || true
+  exit 1
+fi
+step "the wheel carries the $(echo "$want" | wc -l) modules of src/dynasyn"
 
 step "pip install $TORCH_SPEC"
 pip install "$TORCH_SPEC"
