@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from dynasyn.evaluate.benchmark import (
     METHOD_LABELS,
     Cell,
     collect,
+    identity_action_plot,
     run_benchmark,
     table1_markdown,
     table3_markdown,
@@ -365,6 +367,145 @@ def test_cells_are_mean_and_std_over_scenes_and_seeds(tmp_path):
     rows3 = _md_rows(md3.split("## Paper")[0])
     assert [r[0] for r in rows3] == ["MD", "MD+App+Act"] and rows3[0][3] == "–"
     assert "a/md/seed1 (not run)" in md3 and "a/md/seed1" not in md1
+
+
+def _exact_images(kept: int, followed: int, total: int = 4, subjects: int = 1) -> list[dict]:
+    """``total`` score_image-like results: ``kept`` keep identity (every subject),
+    ``followed`` follow the action; the first image also leaks the other subject."""
+    return [{"subjects": [{"subject": s, "identity_kept": i < kept, "identity_mixing": i == 0,
+                           "mixing": ["leak: blue (subject 1)"] if i == 0 else []}
+                          for s in range(subjects)],
+             "action_followed": i < followed, "identity_and_action": i < min(kept, followed)}
+            for i in range(total)]
+
+
+def _exact_cell(root: Path, scene: str, preset: str, seed: int, kept: int, followed: int,
+                ceiling: tuple[int, int] | None = None) -> Cell:
+    from dynasyn.evaluate.exact import EXACT_VERSION, summarize
+
+    cell = _fake_cell(root, scene, preset, seed,
+                      {c: {"clip_t": 0.5, "clip_i": 0.5, "identity_region": 0.5} for c in CATS})
+    metrics = json.loads((cell.eval / "metrics.json").read_text())
+    records = [{"category": "action", "exact": {"images": _exact_images(kept, followed)}},
+               {"category": "interaction",
+                "exact": {"images": _exact_images(kept, followed, subjects=2)}}]
+    metrics["exact"] = {"version": EXACT_VERSION, **summarize(records)}
+    metrics["classes"] = ["star", "ball"]
+    if ceiling is not None:
+        recs = [{"category": "action", "exact": {"images": _exact_images(*ceiling)}},
+                {"category": "interaction", "exact": {"images": _exact_images(*ceiling)}}]
+        metrics["exact_ceiling"] = summarize(recs)
+    (cell.eval / "metrics.json").write_text(json.dumps(metrics))
+    return cell
+
+
+def test_exact_metrics_are_pooled_over_runs_with_the_ceiling_once_per_scene(tmp_path):
+    cells = [_exact_cell(tmp_path, "a", "dynasyn", 0, 1, 3, ceiling=(3, 2)),
+             _exact_cell(tmp_path, "a", "dynasyn", 1, 2, 3, ceiling=(3, 2)),
+             _exact_cell(tmp_path, "b", "dynasyn", 0, 4, 1, ceiling=(1, 1)),
+             _exact_cell(tmp_path, "a", "break-a-scene", 0, 2, 2, ceiling=(3, 2)),
+             _exact_cell(tmp_path, "a", "md", 0, 0, 0, ceiling=(3, 2))]
+    stats = collect(cells, CATS)
+    dyn = stats["exact"]["dynasyn"]
+    # identity: 4 action images + 8 interaction subject-images per run, pooled over 3 runs
+    assert dyn["overall"]["identity_kept"]["n"] == 36
+    assert dyn["overall"]["identity_kept"]["k"] == 3 * (1 + 2 + 4)
+    act = dyn["action"]["action_followed"]
+    assert (act["k"], act["n"], act["runs"]) == (7, 12, 3)
+    assert act["rate"] == pytest.approx(7 / 12, abs=1e-6)
+    assert act["ci95"] == pytest.approx(B.wilson_interval(7, 12), abs=1e-6)
+    lo, hi = act["ci95_runs"]
+    assert lo < 7 / 12 < hi  # the runs differ (3/4, 3/4, 1/4): a bootstrap interval
+    assert stats["exact"]["break-a-scene"]["overall"]["identity_kept"]["ci95_runs"] is None
+    # the ceiling: each scene once (a: 3 of 4 kept, b: 1 of 4), not once per cell
+    ceil = stats["exact_ceiling"]
+    assert ceil["action"]["identity_kept"]["k"] == 4 and ceil["action"]["identity_kept"]["n"] == 8
+    assert ceil["overall"]["identity_kept"]["runs"] == 2
+    assert len(stats["ceiling_runs"]) == 2 and len(stats["exact_runs"]) == 5
+    assert stats["exact_runs"][0]["action_followed"] == pytest.approx(6 / 8)
+
+    md1 = table1_markdown(stats, CATS)
+    exact_part = md1.split("## Exact metrics")[1].split("## Paper")[0]
+    rows = _md_rows(exact_part)
+    assert [r[0] for r in rows] == ["Break-a-Scene", "DynASyn", "Text ceiling"]
+    head = next(ln for ln in exact_part.splitlines() if ln.startswith("| Method"))
+    assert "Action ID kept | Action Action | Action ID & action | Action Mixing" in head
+    assert "Plain" not in head  # no plain images in these cells
+    dyn_row = rows[1]
+    assert dyn_row[1] == "3" and dyn_row[2].startswith(f"{100 * 7 / 12:.1f} [")
+    assert rows[2][1] == "2 scenes"
+    md3 = table3_markdown(stats, CATS)
+    rows3 = _md_rows(md3.split("## Paper")[0])
+    assert [r[0] for r in rows3] == ["MD", "MD+App+Act", "Text ceiling"]
+    assert "ID kept (%)" in md3 and rows3[0][7].startswith("0.0 [")
+    exact_rows = list(csv.DictReader(io.StringIO(B.exact_csv(stats))))
+    ceil_rows = [r for r in exact_rows if r["preset"] == "text-ceiling"]
+    assert {r["category"] for r in ceil_rows} >= {"action", "interaction", "overall", "acting"}
+    t1 = list(csv.DictReader(io.StringIO(B.table1_csv(stats, CATS))))
+    assert t1[-1]["method"] == "Text ceiling" and t1[-1]["action_identity_kept_rate"] == "0.5"
+
+    plot = identity_action_plot(stats)
+    assert plot is not None and plot.size == (760, 560)
+    px = np.asarray(plot).reshape(-1, 3)
+    for colour in B._PRESET_COLOURS[:3]:  # one colour per preset with action images
+        assert (px == colour).all(axis=1).sum() > 20, colour
+    assert identity_action_plot({"exact": {}}) is None
+
+
+def test_an_old_micro_cell_is_rescored_from_its_images(tmp_path):
+    from dynasyn.evaluate.exact import EXACT_VERSION
+    from dynasyn.micro.world import Identity, SceneSpec, render
+
+    scene = Path(__file__).resolve().parents[1] / "examples" / "star_ball"
+    cell = _fake_cell(tmp_path, "star_ball", "dynasyn", 0,
+                      {c: {"clip_t": 0.5, "clip_i": 0.5, "identity_region": 0.5} for c in CATS})
+    cell = Cell("star_ball", scene, "dynasyn", 0, tmp_path)
+    (cell.eval / "images").mkdir()
+    star = Identity("star", "red", "striped")
+    Image.fromarray(render(SceneSpec((star,), "jumping"), 64, 0).image).save(
+        cell.eval / "images" / "a.png")
+    metrics = json.loads((cell.eval / "metrics.json").read_text())
+    metrics.update(classes=["star", "ball"], prompts=[
+        {"category": "action", "subjects": [0], "images": ["images/a.png"],
+         "class_prompt": "a star is jumping"}])
+    (cell.eval / "metrics.json").write_text(json.dumps(metrics))
+    assert collect([cell], CATS)["exact"] == {}  # no rescoring asked
+    stats = collect([cell], CATS, rescore=True)
+    assert stats["exact"]["dynasyn"]["action"]["action_followed"]["k"] == 1
+    saved = json.loads((cell.eval / "metrics.json").read_text())
+    assert saved["exact"]["version"] == EXACT_VERSION
+    assert saved["prompts"][0]["exact"]["images"][0]["subjects"][0]["identity_kept"]
+
+
+def test_a_micro_benchmark_has_exact_tables_the_ceiling_once_and_the_plot(
+        tiny_model, tiny_clip, tmp_path, monkeypatch):
+    import dynasyn.evaluate.exact as E
+
+    sampled = []
+    real = E.ceiling_images
+
+    def counting(*a, **kw):
+        images, keys, n = real(*a, **kw)
+        sampled.append(n)
+        return images, keys, n
+
+    monkeypatch.setattr("dynasyn.evaluate.run.ceiling_images", counting)
+    scene = tmp_path / "star_ball"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "examples" / "star_ball", scene)
+    res = run_benchmark([scene], "break-a-scene,md", [0], tmp_path / "out", model=str(tiny_model),
+                        train_overrides=dict(phase1_steps=1, phase2_steps=1),
+                        eval_kwargs=dict(n=1, steps=1, limit=1, clip_model=str(tiny_clip),
+                                         categories="action,interaction", device="cpu"),
+                        progress=False)
+    out = tmp_path / "out"
+    assert res["missing"] == [] and sorted(sampled) == [0, 2]  # the second cell reuses them
+    assert len(list((out / B.CEILING_CACHE).glob("*.png"))) == 2
+    assert set(res["exact"]) == {"break-a-scene", "md"}
+    assert res["exact_ceiling"]["overall"]["identity_kept"]["runs"] == 1
+    assert "## Exact metrics" in (out / "table1.md").read_text()
+    assert "Text ceiling" in (out / "table3.md").read_text()
+    assert (out / "exact.csv").is_file() and (out / B.PLOT).is_file()
+    assert str(out / B.PLOT) in res["files"]
 
 
 def test_one_phase_presets_keep_their_phase():

@@ -12,6 +12,11 @@ The output directory holds one *cell* per (scene, preset, seed)::
     OUT/table3.md, table3.csv               the paper's Table 3: ablations MD, MD+App, MD+Act,
                                             MD+App+Act (= dynasyn), averaged over categories
     OUT/cells.csv                           every finished cell's per-category means
+    OUT/exact.csv                           micro-world scenes: the exact metrics of every
+                                            preset and the text ceiling, per category
+    OUT/identity_action.png                 micro-world scenes: identity kept vs action
+                                            followed, one point per run (:func:`identity_action_plot`)
+    OUT/ceiling_cache/                      the text ceiling's images, shared by every cell
     OUT/figure.png                          the methods side by side on the same prompts and
                                             noise (first scene and seed; :func:`comparison_figure`)
 
@@ -22,6 +27,13 @@ is "mean ± std over scenes and seeds" of the per-run category means (population
 ``metrics.json``). Under ``accelerate launch`` / torchrun each process takes every N-th
 unfinished cell and trains it alone (its own device, no gradient averaging); augmentation is
 shared by all processes, and the main process writes the tables once every process is done.
+
+On micro-world scenes the tables also hold the *exact* metrics (:mod:`dynasyn.evaluate.exact`)
+pooled over scenes and seeds per preset — the rate over all images, with a 95 % interval from a
+bootstrap over the runs (scenes × seeds; Wilson over the images when there is one run) — and a
+row for the text ceiling (the base model with the subjects' identity phrases on the same prompts
+and seeds, rendered once per scene: its images are cached in ``OUT/ceiling_cache``). A finished
+cell scored with older exact definitions (or none) is rescored from its saved images.
 """
 
 from __future__ import annotations
@@ -46,7 +58,7 @@ from dynasyn.augment.pipeline import AugmentConfig, augment
 from dynasyn.checkpoint import list_checkpoints
 from dynasyn.config import TrainConfig, atomic_write_text, build_config, load_config
 from dynasyn.errors import InputError
-from dynasyn.evaluate.metrics import mean_std
+from dynasyn.evaluate.metrics import bootstrap_interval, mean_std, wilson_interval
 from dynasyn.evaluate.prompts import CATEGORIES
 from dynasyn.evaluate.run import METRICS_FILE, evaluate
 from dynasyn.presets import PRESETS
@@ -54,7 +66,10 @@ from dynasyn.scene import load_scene
 from dynasyn.train import RUN_INFO, make_accelerator, train
 
 __all__ = [
+    "CEILING_CACHE",
+    "EXACT_COLUMNS",
     "FIGURE",
+    "PLOT",
     "ABLATION_LABELS",
     "COLUMNS",
     "MANIFEST",
@@ -64,6 +79,8 @@ __all__ = [
     "Cell",
     "comparison_figure",
     "collect",
+    "exact_csv",
+    "identity_action_plot",
     "run_benchmark",
     "table1_markdown",
     "table3_markdown",
@@ -122,7 +139,25 @@ _CELL_KEYS = ("scene", "preset", "seed")
 _RESERVED_TRAIN = ("preset", "scene", "seed", "augmented", "model", "classes")
 _UNCOMPARED = ("device", "checkpoint_every", "keep_checkpoints", "log_every")
 _DASH = "–"
-_EVAL_SETTINGS = frozenset(inspect.signature(evaluate).parameters) - {"run", "out", "progress"}
+_EVAL_SETTINGS = frozenset(inspect.signature(evaluate).parameters) - {
+    "run", "out", "progress", "ceiling_cache"}
+
+CEILING_CACHE = "ceiling_cache"
+"""Directory in ``OUT`` of the text ceiling's images (shared by every cell of a scene)."""
+
+EXACT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("ID kept", "identity_kept"),
+    ("Action", "action_followed"),
+    ("ID & action", "identity_and_action"),
+    ("Mixing", "identity_mixing"),
+)
+"""(column label, exact metric) of the tables' exact columns (micro-world scenes)."""
+
+CEILING_LABEL = "Text ceiling"
+"""The tables' row of the text ceiling."""
+
+ACTING = ("action", "interaction")
+"""The categories whose prompts ask for an action or relation (the plot's images)."""
 
 
 @dataclass(frozen=True)
@@ -393,7 +428,8 @@ def _eval_cell(cell: Cell, eval_kwargs: dict[str, Any], progress: bool) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     if cell.eval.exists():  # an evaluation whose metrics.json was removed: redo it
         shutil.rmtree(cell.eval)
-    evaluate(cell.run, out=cell.eval, progress=progress, **eval_kwargs)
+    evaluate(cell.run, out=cell.eval, progress=progress,
+             ceiling_cache=cell.root / CEILING_CACHE, **eval_kwargs)
 
 
 def _do_cell(cell: Cell, cfg: TrainConfig, eval_kwargs: dict[str, Any], progress: bool,
@@ -419,29 +455,119 @@ def _category_means(metrics: dict[str, Any], categories: Sequence[str]) -> dict[
     return out
 
 
-def collect(cells: Sequence[Cell], categories: Sequence[str] = CATEGORIES) -> dict[str, Any]:
+def _exact_metrics(cell: Cell, rescore: bool) -> dict[str, Any]:
+    """The cell's ``metrics.json``; with ``rescore``, a micro-world cell scored with older
+    exact definitions (or none) is rescored from its saved images and written back."""
+    from dynasyn.evaluate.exact import EXACT_VERSION
+    from dynasyn.evaluate.exact import rescore as rescore_exact
+    from dynasyn.evaluate.prompts import is_micro_scene
+
+    path = cell.eval / METRICS_FILE
+    metrics = json.loads(path.read_text())
+    classes = metrics.get("classes") or []
+    if not rescore or not is_micro_scene(classes) or \
+            (metrics.get("exact") or {}).get("version") == EXACT_VERSION:
+        return metrics
+    from dynasyn.evaluate.exact import scene_references
+
+    try:
+        refs = scene_references(load_scene(cell.scene_dir, classes=classes))
+        metrics = rescore_exact(metrics, cell.eval, refs)
+    except (OSError, InputError, ValueError) as e:
+        log.warning("benchmark cell %s: exact metrics not rescored (%s)", cell.name, e)
+        return metrics
+    atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _exact_counts(block: dict[str, Any] | None, categories: Sequence[str]
+                  ) -> dict[str, dict[str, tuple[int, int]]] | None:
+    """``{category | "overall" | "acting": {metric: (k, n)}}`` of an ``"exact"`` (or
+    ``"exact_ceiling"``) section; ``acting`` pools the action and interaction categories."""
+    if not block or "categories" not in block:
+        return None
+    cats = block["categories"]
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for cat in categories:
+        st = cats.get(cat) or {}
+        out[cat] = {m: (int((st.get(m) or {}).get("k", 0)), int((st.get(m) or {}).get("n", 0)))
+                    for _, m in EXACT_COLUMNS}
+    overall = block.get("overall") or {}
+    out["overall"] = {m: (int((overall.get(m) or {}).get("k", 0)),
+                          int((overall.get(m) or {}).get("n", 0))) for _, m in EXACT_COLUMNS}
+    out["acting"] = {m: (sum(out[c][m][0] for c in ACTING if c in out),
+                         sum(out[c][m][1] for c in ACTING if c in out)) for _, m in EXACT_COLUMNS}
+    return out
+
+
+def _pooled(groups: Sequence[tuple[int, int]]) -> dict[str, Any]:
+    """A rate pooled over groups (runs or scenes): ``{"rate", "k", "n", "ci95" (Wilson over
+    the images), "ci95_runs" (bootstrap over the groups; None under two), "runs"}``."""
+    k, n = sum(g[0] for g in groups), sum(g[1] for g in groups)
+    if n == 0:
+        return {"rate": None, "k": 0, "n": 0, "ci95": None, "ci95_runs": None, "runs": 0}
+    boot = bootstrap_interval(groups)
+    return {"rate": round(k / n, 6), "k": k, "n": n,
+            "ci95": [round(v, 6) for v in wilson_interval(k, n)],
+            "ci95_runs": None if boot is None else [round(v, 6) for v in boot],
+            "runs": sum(1 for g in groups if g[1] > 0)}
+
+
+def _exact_stats(per_run: dict[str, list[dict[str, dict[str, tuple[int, int]]]]],
+                 keys: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    return {p: {key: {m: _pooled([r[key][m] for r in runs]) for _, m in EXACT_COLUMNS}
+                for key in keys} for p, runs in per_run.items()}
+
+
+def collect(cells: Sequence[Cell], categories: Sequence[str] = CATEGORIES,
+            rescore: bool = False) -> dict[str, Any]:
     """Read every finished cell's ``metrics.json`` into both tables' statistics.
+
+    Args:
+        cells: the benchmark's cells.
+        categories: the prompt categories of the tables.
+        rescore: rescore micro-world cells scored with older exact definitions from their
+            saved images (and write their ``metrics.json``).
 
     Returns:
         ``{"table1": {preset: {category: {metric: {mean, std, n}}}}, "table3": {preset:
         {metric: {mean, std, n}}}, "rows": [per cell and category means], "missing":
-        [unfinished cell names]}``; a statistic is over the runs (scenes × seeds) of the
-        preset, Table 3's per run the mean over the categories it has.
+        [unfinished cell names], "exact": {preset: {category | "overall" | "acting":
+        {metric: pooled rate}}}, "exact_ceiling": {category | ...: {metric: pooled rate}},
+        "exact_runs": [per cell: scene, preset, seed, its "acting" identity_kept and
+        action_followed rates], "ceiling_runs": [per scene, the same]}``; a statistic is over
+        the runs (scenes × seeds) of the preset, Table 3's per run the mean over the categories
+        it has; an exact rate is pooled over the images of every run (``"acting"``: the action
+        and interaction prompts), the ceiling's over each scene once.
     """
     per_run: dict[str, list[dict[str, dict[str, float | None]]]] = {}
     rows: list[dict[str, Any]] = []
     missing: list[str] = []
+    exact_runs: dict[str, list[dict[str, dict[str, tuple[int, int]]]]] = {}
+    run_points: list[dict[str, Any]] = []
+    ceilings: dict[str, dict[str, dict[str, tuple[int, int]]]] = {}
     for cell in cells:
         if not cell.finished:
             err = cell.dir / "error.txt"
             why = err.read_text().splitlines()[0] if err.is_file() else "not run"
             missing.append(f"{cell.name} ({why})")
             continue
-        means = _category_means(json.loads((cell.eval / METRICS_FILE).read_text()), categories)
+        metrics = _exact_metrics(cell, rescore)
+        means = _category_means(metrics, categories)
         per_run.setdefault(cell.preset, []).append(means)
+        ex = _exact_counts(metrics.get("exact"), categories)
+        if ex is not None:
+            exact_runs.setdefault(cell.preset, []).append(ex)
+            run_points.append({"scene": cell.scene, "preset": cell.preset, "seed": cell.seed,
+                               **{m: _rate(ex["acting"][m]) for _, m in EXACT_COLUMNS}})
+        ceiling = _exact_counts(metrics.get("exact_ceiling"), categories)
+        if ceiling is not None and cell.scene not in ceilings:
+            ceilings[cell.scene] = ceiling
         for cat, vals in means.items():
             rows.append({"scene": cell.scene, "preset": cell.preset, "seed": cell.seed,
-                         "category": cat, **vals})
+                         "category": cat, **vals,
+                         **{m: (_rate(ex[cat][m]) if ex is not None else None)
+                            for _, m in EXACT_COLUMNS}})
     table1: dict[str, dict[str, dict[str, dict]]] = {}
     table3: dict[str, dict[str, dict]] = {}
     for preset, runs in per_run.items():
@@ -454,7 +580,18 @@ def collect(cells: Sequence[Cell], categories: Sequence[str] = CATEGORIES) -> di
                 vals = [r[c][key] for c in categories if r[c][key] is not None]
                 run_means.append(sum(vals) / len(vals) if vals else None)
             table3[preset][key] = mean_std(run_means)
-    return {"table1": table1, "table3": table3, "rows": rows, "missing": missing}
+    keys = [*categories, "overall", "acting"]
+    ceiling_stats = (_exact_stats({"ceiling": list(ceilings.values())}, keys)["ceiling"]
+                     if ceilings else {})
+    ceiling_points = [{"scene": scene, **{m: _rate(c["acting"][m]) for _, m in EXACT_COLUMNS}}
+                      for scene, c in ceilings.items()]
+    return {"table1": table1, "table3": table3, "rows": rows, "missing": missing,
+            "exact": _exact_stats(exact_runs, keys), "exact_ceiling": ceiling_stats,
+            "exact_runs": run_points, "ceiling_runs": ceiling_points}
+
+
+def _rate(kn: tuple[int, int]) -> float | None:
+    return round(kn[0] / kn[1], 6) if kn[1] else None
 
 
 def _fmt(stat: dict[str, Any] | None) -> str:
@@ -481,10 +618,62 @@ _LEGEND = (
     "(population) over the runs (scenes × seeds) of the per-run category means."
 )
 
+_EXACT_LEGEND = (
+    "Exact metrics (micro-world scenes; the micro parser reads every image, "
+    "`dynasyn.evaluate.exact`): ID kept: the prompted subject drawn with its reference class, "
+    "colour and pattern (per image and prompted subject); Action: the prompted action or "
+    "relation holds (per image of an action / interaction prompt); ID & action: both in the "
+    "same image; Mixing: another scene subject's colour shows (leak), a subject has one "
+    "subject's colour and the other's class or pattern (chimera), or both are drawn in one "
+    "colour (merge), per image and prompted subject. Each cell: % of all images of the "
+    "preset's runs (scenes × seeds) [95 % interval: bootstrap over the runs; Wilson over the "
+    "images when there is one run]. Text ceiling: the base model prompted with the subjects' "
+    "identity phrases instead of their placeholders (\"a red striped star is jumping\"), same "
+    "prompts and seeds, once per scene (its interval: bootstrap over the scenes)."
+)
+
 _PAPER_NOTE = (
     "The paper's numbers (SD 2.1, OpenAI CLIP, ImageReward; one panda + bowl scene) are not on "
     "the same scale as scores from another model or CLIP: compare orderings, not values."
 )
+
+
+def _fmt_rate(stat: dict[str, Any] | None) -> str:
+    """``"41.2 [35.0, 47.5]"`` (percent, with the runs' bootstrap interval, else Wilson)."""
+    if not stat or stat.get("rate") is None:
+        return _DASH
+    ci = stat.get("ci95_runs") or stat.get("ci95")
+    text = f"{100 * stat['rate']:.1f}"
+    return f"{text} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else text
+
+
+def _exact_rows(stats: dict[str, Any], presets: dict[str, str]
+                ) -> list[tuple[str, str, dict[str, dict[str, Any]]]]:
+    """(row label, runs, {key: {metric: pooled rate}}) for ``presets`` that have exact
+    metrics, then the text ceiling."""
+    ex = stats.get("exact") or {}
+    rows = [(label, str(ex[p]["overall"]["identity_kept"].get("runs", 0)), ex[p])
+            for p, label in presets.items() if p in ex]
+    ceiling = stats.get("exact_ceiling") or {}
+    if rows and ceiling:
+        scenes = ceiling["overall"]["identity_kept"].get("runs", 0)
+        rows.append((CEILING_LABEL, f"{scenes} scene{'s' if scenes != 1 else ''}", ceiling))
+    return rows
+
+
+def _exact_section(stats: dict[str, Any], categories: Sequence[str],
+                   presets: dict[str, str]) -> list[str]:
+    """Table 1's exact-metrics table (methods × categories × exact metrics + the ceiling)."""
+    rows = _exact_rows(stats, presets)
+    if not rows:
+        return []
+    cols = [(c, label, m) for c in categories for label, m in EXACT_COLUMNS
+            if any((r[2].get(c, {}).get(m) or {}).get("n") for r in rows)]
+    head = ["Method", "runs"] + [f"{c.capitalize()} {label}" for c, label, _ in cols]
+    body = [[label, runs] + [_fmt_rate(data.get(c, {}).get(m)) for c, _, m in cols]
+            for label, runs, data in rows]
+    return ["## Exact metrics (micro parser), % of images", "", _EXACT_LEGEND, "",
+            _md_table(head, body), ""]
 
 
 def table1_markdown(stats: dict[str, Any], categories: Sequence[str], header: str = "") -> str:
@@ -507,6 +696,7 @@ def table1_markdown(stats: dict[str, Any], categories: Sequence[str], header: st
     parts += [_md_table(head, rows) if rows else "(none of this table's presets were run: "
               f"{', '.join(METHOD_LABELS)})", ""]
     parts += _missing_lines(stats, METHOD_LABELS)
+    parts += _exact_section(stats, categories, METHOD_LABELS)
     parts += ["## Paper (reported, Table 1)", "", _PAPER_NOTE, "",
               _md_table(paper_head, paper_rows), ""]
     return "\n".join(parts)
@@ -515,9 +705,19 @@ def table1_markdown(stats: dict[str, Any], categories: Sequence[str], header: st
 def table3_markdown(stats: dict[str, Any], categories: Sequence[str], header: str = "") -> str:
     """Table 3 (ablations × metrics, mean over categories) with the paper's values beside it."""
     t3 = stats["table3"]
-    head = ["Ablation", "preset", "runs"] + [label for label, _ in COLUMNS]
+    ex = stats.get("exact") or {}
+    exact_cols = EXACT_COLUMNS if any(p in ex for p in ABLATION_LABELS) else ()
+    head = ["Ablation", "preset", "runs"] + [label for label, _ in COLUMNS] + [
+        f"{label} (%)" for label, _ in exact_cols]
     rows = [[label, f"`{p}`", str(_runs(t3[p]))] + [_fmt(t3[p][key]) for _, key in COLUMNS]
+            + [_fmt_rate(ex.get(p, {}).get("overall", {}).get(m)) for _, m in exact_cols]
             for p, label in ABLATION_LABELS.items() if p in t3]
+    ceiling = stats.get("exact_ceiling") or {}
+    if rows and exact_cols and ceiling:
+        scenes = ceiling["overall"]["identity_kept"].get("runs", 0)
+        rows.append([CEILING_LABEL, _DASH, f"{scenes} scene{'s' if scenes != 1 else ''}"]
+                    + [_DASH for _ in COLUMNS]
+                    + [_fmt_rate(ceiling["overall"].get(m)) for _, m in exact_cols])
     paper_rows = [[label] + [f"{v:.3f}" for v in PAPER_TABLE3[p]]
                   for p, label in ABLATION_LABELS.items()]
     parts = ["# Table 3: ablations", ""]
@@ -525,6 +725,8 @@ def table3_markdown(stats: dict[str, Any], categories: Sequence[str], header: st
         parts += [header, ""]
     parts += [_LEGEND.format(dash=_DASH) + " Per run, the metric is first averaged over the "
               f"categories ({', '.join(categories)}), as in the paper's Table 3.", ""]
+    if exact_cols:
+        parts += [_EXACT_LEGEND + " Here over all categories.", ""]
     parts += [_md_table(head, rows) if rows else "(none of this table's presets were run: "
               f"{', '.join(ABLATION_LABELS)})", ""]
     parts += _missing_lines(stats, ABLATION_LABELS)
@@ -561,7 +763,27 @@ def table1_csv(stats: dict[str, Any], categories: Sequence[str]) -> str:
     rows = [[label, p, max(_runs(t1[p][c]) for c in categories)]
             + [v for c in categories for _, key in COLUMNS for v in _stat_cols(t1[p][c][key])]
             for p, label in METHOD_LABELS.items() if p in t1]
+    ex = stats.get("exact") or {}
+    if any(p in ex for p in METHOD_LABELS):
+        head += [f"{c}_{m}_{s}" for c in categories for _, m in EXACT_COLUMNS
+                 for s in ("rate", "lo", "hi")]
+        for row, p in zip(rows, [p for p in METHOD_LABELS if p in t1], strict=True):
+            row += [v for c in categories for _, m in EXACT_COLUMNS
+                    for v in _rate_cols(ex.get(p, {}).get(c, {}).get(m))]
+        ceiling = stats.get("exact_ceiling") or {}
+        if ceiling:
+            rows.append([CEILING_LABEL, "", ""] + [None] * (2 * len(COLUMNS) * len(categories))
+                        + [v for c in categories for _, m in EXACT_COLUMNS
+                           for v in _rate_cols(ceiling.get(c, {}).get(m))])
     return _csv(head, rows)
+
+
+def _rate_cols(stat: dict[str, Any] | None) -> list[Any]:
+    """rate, lo, hi of a pooled rate (the runs' bootstrap interval, else Wilson)."""
+    if not stat or stat.get("rate") is None:
+        return [None, None, None]
+    ci = stat.get("ci95_runs") or stat.get("ci95") or [None, None]
+    return [stat["rate"], ci[0], ci[1]]
 
 
 def table3_csv(stats: dict[str, Any]) -> str:
@@ -571,14 +793,48 @@ def table3_csv(stats: dict[str, Any]) -> str:
                                              for s in ("mean", "std")]
     rows = [[label, p, _runs(t3[p])] + [v for _, key in COLUMNS for v in _stat_cols(t3[p][key])]
             for p, label in ABLATION_LABELS.items() if p in t3]
+    ex = stats.get("exact") or {}
+    if any(p in ex for p in ABLATION_LABELS):
+        head += [f"{m}_{s}" for _, m in EXACT_COLUMNS for s in ("rate", "lo", "hi")]
+        for row, p in zip(rows, [p for p in ABLATION_LABELS if p in t3], strict=True):
+            row += [v for _, m in EXACT_COLUMNS
+                    for v in _rate_cols(ex.get(p, {}).get("overall", {}).get(m))]
+        ceiling = stats.get("exact_ceiling") or {}
+        if ceiling:
+            rows.append([CEILING_LABEL, "", ""] + [None] * (2 * len(COLUMNS))
+                        + [v for _, m in EXACT_COLUMNS
+                           for v in _rate_cols(ceiling.get("overall", {}).get(m))])
+    return _csv(head, rows)
+
+
+def exact_csv(stats: dict[str, Any]) -> str:
+    """Every preset's (and the text ceiling's) pooled exact rates, one row per category
+    (and ``overall``, ``acting`` = action + interaction prompts) and metric: images counted,
+    rate, Wilson interval over the images, bootstrap interval over the runs (or scenes)."""
+    head = ["preset", "category", "metric", "k", "n", "rate", "wilson_lo", "wilson_hi",
+            "runs", "runs_lo", "runs_hi"]
+    blocks = list((stats.get("exact") or {}).items())
+    if stats.get("exact_ceiling"):
+        blocks.append(("text-ceiling", stats["exact_ceiling"]))
+    rows = []
+    for preset, data in blocks:
+        for key, metrics in data.items():
+            for _, m in EXACT_COLUMNS:
+                st = metrics.get(m) or {}
+                w = st.get("ci95") or [None, None]
+                b = st.get("ci95_runs") or [None, None]
+                rows.append([preset, key, m, st.get("k"), st.get("n"), st.get("rate"),
+                             w[0], w[1], st.get("runs"), b[0], b[1]])
     return _csv(head, rows)
 
 
 def cells_csv(stats: dict[str, Any]) -> str:
     """Every finished cell's per-category means (the raw data behind both tables)."""
     keys = [key for _, key in COLUMNS] + ["clip_i_subject"]
+    if stats.get("exact"):
+        keys += [m for _, m in EXACT_COLUMNS]
     return _csv([*_CELL_KEYS, "category", *keys],
-                [[r[k] for k in (*_CELL_KEYS, "category", *keys)] for r in stats["rows"]])
+                [[r.get(k) for k in (*_CELL_KEYS, "category", *keys)] for r in stats["rows"]])
 
 
 def _settings_text(values: dict[str, Any]) -> str:
@@ -597,6 +853,8 @@ def _write_tables(out: Path, stats: dict[str, Any], categories: Sequence[str],
         "table3.csv": table3_csv(stats),
         "cells.csv": cells_csv(stats),
     }
+    if stats.get("exact"):
+        files["exact.csv"] = exact_csv(stats)
     for name, text in files.items():
         atomic_write_text(out / name, text)
     return [out / name for name in files]
@@ -604,6 +862,104 @@ def _write_tables(out: Path, stats: dict[str, Any], categories: Sequence[str],
 
 FIGURE = "figure.png"
 """Name of the benchmark's comparison figure in ``OUT``."""
+
+PLOT = "identity_action.png"
+"""Name of the identity-vs-action plot in ``OUT`` (micro-world scenes)."""
+
+_PRESET_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40),
+                   (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127),
+                   (188, 189, 34), (23, 190, 207))
+
+
+def identity_action_plot(stats: dict[str, Any], size: tuple[int, int] = (760, 560)
+                         ) -> Image.Image | None:
+    """The trade-off of the exact metrics, drawn: ``identity_kept`` (x) against
+    ``action_followed`` (y), both over the images of the action and interaction prompts.
+
+    One small dot per run (cell), a large dot per preset at its pooled rates with its 95 %
+    intervals as bars (bootstrap over the runs; Wilson with one run), and the text ceiling
+    (black diamonds: one per scene, the large one pooled). Axes 0-100 %. Drawn with PIL.
+    Returns None when no run has exact metrics of action / interaction prompts.
+    """
+    from PIL import ImageDraw
+
+    ex = stats.get("exact") or {}
+    presets = [p for p in ex if (ex[p]["acting"]["action_followed"].get("n") or 0) > 0]
+    if not presets:
+        return None
+    w, h = size
+    left, right, top, bottom = 64, 200, 56, 54
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    x0, x1, y0, y1 = left, w - right, top, h - bottom
+
+    def xy(ix: float, ay: float) -> tuple[float, float]:
+        return x0 + ix * (x1 - x0), y1 - ay * (y1 - y0)
+
+    for t in range(0, 101, 20):
+        gx, gy = xy(t / 100, t / 100)
+        d.line((gx, y0, gx, y1), fill=(232, 232, 232))
+        d.line((x0, gy, x1, gy), fill=(232, 232, 232))
+        d.text((gx - 8, y1 + 6), f"{t}", fill=(90, 90, 90))
+        d.text((x0 - 26, gy - 6), f"{t:>3}", fill=(90, 90, 90))
+    d.rectangle((x0, y0, x1, y1), outline=(120, 120, 120))
+    d.text((x0, 8), "identity kept vs action followed (action + interaction prompts, "
+           "micro parser)", fill="black")
+    d.text(((x0 + x1) // 2 - 60, h - 24), "identity kept (%)", fill="black")
+    d.text((6, y0 - 20), "action followed (%)", fill="black")
+    colours = {p: _PRESET_COLOURS[i % len(_PRESET_COLOURS)] for i, p in enumerate(presets)}
+
+    def dot(ix: float, ay: float, r: float, fill: tuple[int, int, int],
+            outline: tuple[int, int, int] | None = None, diamond: bool = False) -> None:
+        cx, cy = xy(ix, ay)
+        if diamond:
+            d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill,
+                      outline=outline)
+        else:
+            d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill, outline=outline)
+
+    def light(c: tuple[int, int, int]) -> tuple[int, int, int]:
+        return tuple(int(v + (255 - v) * 0.45) for v in c)  # type: ignore[return-value]
+
+    for pt in stats.get("exact_runs", []):
+        if pt["preset"] in colours and None not in (pt["identity_kept"], pt["action_followed"]):
+            dot(pt["identity_kept"], pt["action_followed"], 3, light(colours[pt["preset"]]))
+    for pt in stats.get("ceiling_runs", []):
+        if None not in (pt["identity_kept"], pt["action_followed"]):
+            dot(pt["identity_kept"], pt["action_followed"], 4, (170, 170, 170), diamond=True)
+
+    def pooled(data: dict[str, Any], colour: tuple[int, int, int], diamond: bool) -> None:
+        idk, act = data["acting"]["identity_kept"], data["acting"]["action_followed"]
+        if idk.get("rate") is None or act.get("rate") is None:
+            return
+        for st, horizontal in ((idk, True), (act, False)):
+            ci = st.get("ci95_runs") or st.get("ci95")
+            if ci:
+                a = xy(ci[0], act["rate"]) if horizontal else xy(idk["rate"], ci[0])
+                b = xy(ci[1], act["rate"]) if horizontal else xy(idk["rate"], ci[1])
+                d.line((*a, *b), fill=colour, width=2)
+        dot(idk["rate"], act["rate"], 7, colour, outline=(0, 0, 0), diamond=diamond)
+
+    for p in presets:
+        pooled(ex[p], colours[p], False)
+    ceiling = stats.get("exact_ceiling") or {}
+    if ceiling and (ceiling["acting"]["action_followed"].get("n") or 0) > 0:
+        pooled(ceiling, (0, 0, 0), True)
+    # legend
+    lx, ly = x1 + 16, y0
+    for p in presets:
+        d.ellipse((lx, ly + 2, lx + 10, ly + 12), fill=colours[p], outline=(0, 0, 0))
+        runs = ex[p]["acting"]["action_followed"].get("runs", 0)
+        d.text((lx + 16, ly + 1), f"{p} ({runs} run{'s' if runs != 1 else ''})", fill="black")
+        ly += 18
+    if ceiling:
+        d.polygon([(lx + 5, ly + 1), (lx + 10, ly + 7), (lx + 5, ly + 13), (lx, ly + 7)],
+                  fill=(0, 0, 0))
+        d.text((lx + 16, ly + 1), "text ceiling", fill="black")
+        ly += 18
+    d.text((lx, ly + 8), "small: one run", fill=(90, 90, 90))
+    d.text((lx, ly + 22), "large: pooled, 95 % CI", fill=(90, 90, 90))
+    return img
 
 
 def comparison_figure(cells: Sequence[Cell], per_category: int = 2,
@@ -706,7 +1062,8 @@ def run_benchmark(
 
     Returns:
         ``{"out", "main_process", "cells": [{"scene", "preset", "seed", "dir", "status"}],
-        "table1", "table3", "missing", "files"}`` (see :func:`collect`; ``files``, the tables
+        "table1", "table3", "missing", "exact", "exact_ceiling", "files"}`` (see
+        :func:`collect`; ``files``, the tables
         written, is empty on the other processes); ``status`` is ``done``
         (finished before), ``trained``, ``resumed``, ``evaluated`` (trained before),
         ``failed: …`` or ``other process``; ``missing`` lists the cells without results.
@@ -793,7 +1150,7 @@ def run_benchmark(
     state.wait_for_everyone()
 
     # ---------------------------------------------------------------- tables
-    stats = collect(cells, categories)
+    stats = collect(cells, categories, rescore=main)
     header = (f"scenes: {', '.join(scene_dirs)} · seeds: {', '.join(map(str, seed_list))} · "
               f"model: `{model}` · training: {_settings_text(settings['train'])} · "
               f"evaluation: {_settings_text(settings['evaluate'])}")
@@ -805,6 +1162,12 @@ def run_benchmark(
             fig.save(tmp, format="PNG")
             os.replace(tmp, out / FIGURE)
             files.append(out / FIGURE)
+        plot = identity_action_plot(stats)
+        if plot is not None:
+            tmp = out / f".{PLOT}.tmp"
+            plot.save(tmp, format="PNG")
+            os.replace(tmp, out / PLOT)
+            files.append(out / PLOT)
     state.wait_for_everyone()
     return {
         "out": str(out),
@@ -814,5 +1177,7 @@ def run_benchmark(
         "table1": stats["table1"],
         "table3": stats["table3"],
         "missing": stats["missing"],
+        "exact": stats["exact"],
+        "exact_ceiling": stats["exact_ceiling"],
         "files": [str(f) for f in files],
     }
