@@ -192,18 +192,25 @@ def test_version_prints_the_package_version(capsys):
 SCENE_COMMANDS = ("train", "augment", "personalize", "benchmark", "evaluate")
 
 
+def _takes_a_scene(p) -> bool:
+    return any(a.dest in ("scene", "scenes") for a in p._actions)
+
+
 def test_every_scene_command_has_the_same_scene_options():
+    """Every subcommand with a scene argument has the one "scene options" group."""
     import argparse
 
     from dynasyn.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    takers = {name for name, p in sub.choices.items() if _takes_a_scene(p)}
+    assert set(SCENE_COMMANDS) <= takers
     groups = {}
-    for name in SCENE_COMMANDS:
-        p = sub.choices[name]
-        group = next(g for g in p._action_groups if g.title == "scene options")
+    for name in sorted(takers):
+        found = [g for g in sub.choices[name]._action_groups if g.title == "scene options"]
+        assert found, f"`dynasyn {name}` takes a scene but not cli.add_scene_args' options"
         groups[name] = sorted((tuple(a.option_strings), a.nargs, a.metavar)
-                              for a in group._group_actions)
+                              for a in found[0]._group_actions)
         assert ("--classes",) in [o for o, _, _ in groups[name]], name
     assert len({tuple(v) for v in groups.values()}) == 1, groups
 

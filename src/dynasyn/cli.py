@@ -84,14 +84,15 @@ SCENE_HELP = "scene directory: a photo (img.jpg / img.png), mask0.png, mask1.png
     "optional scene.json"
 
 
-def _add_scene_args(p: argparse.ArgumentParser, scene: str = "required") -> None:
-    """The scene options every scene-taking command shares, defined here only.
+def add_scene_args(p: argparse.ArgumentParser, scene: str = "required") -> None:
+    """Add the scene options every scene-taking command shares: they are defined here only.
 
     ``scene`` says how the scene itself is given: ``required`` / ``optional`` (a positional
     directory), ``many`` (positional directories, ``args.scenes``) or ``option``
-    (``--scene DIR``, for commands whose scene has a default). Every command passes
-    :func:`_scene_options` of the parsed arguments to :func:`dynasyn.scene.load_scene`
-    (mask options belong in this group too).
+    (``--scene DIR``, for commands whose scene has a default). A command passes
+    :func:`scene_options` of its parsed arguments to :func:`dynasyn.scene.load_scene` (or to
+    what loads the scene for it); a new scene option (e.g. for masks) is added to the
+    "scene options" group here and to :func:`scene_options`, and every command has it.
     """
     if scene == "many":
         p.add_argument("scenes", nargs="+", metavar="scene", help=SCENE_HELP + " (one or more)")
@@ -108,13 +109,13 @@ def _add_scene_args(p: argparse.ArgumentParser, scene: str = "required") -> None
                    + ("; default: the run's" if scene == "option" else ""))
 
 
-def _scene_options(args: argparse.Namespace) -> dict[str, Any]:
+def scene_options(args: argparse.Namespace) -> dict[str, Any]:
     """The scene options of parsed arguments, as :func:`~dynasyn.scene.load_scene` keywords."""
     return {"classes": list(args.classes) if args.classes else None}
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    _add_scene_args(p, scene="optional")
+    add_scene_args(p, scene="optional")
     p.add_argument("--model", help="diffusers SD pipeline: local dir, hub id, or 'micro' (default)")
     p.add_argument("--preset", help="training preset (default: dynasyn)")
     p.add_argument("--out", required=True, help="run directory to write (self-contained: it "
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     a = sub.add_parser("augment", help="prompt-and-image augmentation (paper Steps 1-4)",
                        epilog=AUGMENT_EXAMPLES, formatter_class=fmt)
-    _add_scene_args(a)
+    add_scene_args(a)
     a.add_argument("--out", required=True, help="augmented directory (resumable)")
     _add_augment_args(a)
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -241,14 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "the subjects' identity phrases, scored by the same exact metrics)")
     ev.add_argument("--ceiling-cache", metavar="DIR",
                     help="directory of text-ceiling images to reuse and add to")
-    _add_scene_args(ev, scene="option")
+    add_scene_args(ev, scene="option")
     ev.add_argument("--out", help="output directory (default RUN/eval; a previous evaluation "
                     "there is replaced)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--no-progress", action="store_true")
     bm = sub.add_parser("benchmark", help="train + evaluate presets on scenes; paper's tables",
                         epilog=BENCHMARK_EXAMPLES, formatter_class=fmt)
-    _add_scene_args(bm, scene="many")
+    add_scene_args(bm, scene="many")
     bm.add_argument("--presets", default=",".join(PRESET_HELP),
                     help="comma-separated presets (default: all: %(default)s)")
     bm.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
@@ -297,7 +298,7 @@ def cmd_train(args: argparse.Namespace, allow_existing: bool = False) -> int:
             scene=str(Path(args.scene)),
             model=args.model,
             preset=args.preset,
-            classes=_scene_options(args)["classes"],
+            classes=scene_options(args)["classes"],
             augmented=args.augmented,
             phase1_steps=args.phase1_steps,
             phase2_steps=args.phase2_steps,
@@ -346,7 +347,7 @@ def cmd_augment(args: argparse.Namespace) -> int:
 
     cfg = _augment_config(args, args.model)
     out = augment(args.scene, args.out, cfg, client=_chat_client(args),
-                  progress=not args.no_progress, **_scene_options(args))
+                  progress=not args.no_progress, **scene_options(args))
     print(f"augmented items written to {out} (contact sheets in {out}/cache/*/sheet.png)")
     print(f"next: dynasyn train {args.scene} --augmented {out} --out RUN"
           + (f" --classes {' '.join(args.classes)}" if args.classes else ""))
@@ -367,14 +368,14 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     if not args.resume:
         prepare_run_dir(out, args.overwrite, False)
     cfg = _augment_config(args, args.model)
-    load_scene(args.scene, **_scene_options(args))  # refuse a bad scene before deleting anything
+    load_scene(args.scene, **scene_options(args))  # refuse a bad scene before deleting anything
     resolve_model(cfg.model)
     if args.overwrite and out.exists():
         import shutil
 
         shutil.rmtree(out)
     aug = augment(args.scene, out / "augmented", cfg, client=_chat_client(args),
-                  progress=not args.no_progress, **_scene_options(args))
+                  progress=not args.no_progress, **scene_options(args))
     print(f"augmented items written to {aug} (contact sheets in {aug}/cache/*/sheet.png)")
     args.augmented = str(aug)
     args.overwrite = False
@@ -405,7 +406,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         dino_model=args.dino_model,
         ceiling=not args.no_ceiling,
         ceiling_cache=args.ceiling_cache,
-        **_scene_options(args),
+        **scene_options(args),
     )
     print(summary_table(result))
     for note in result["notes"]:
@@ -436,7 +437,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                          **({"ceiling": False} if args.no_ceiling else {})),
         augment_kwargs=dict(num_prompts=args.num_prompts, provider=args.provider),
         progress=not args.no_progress,
-        **_scene_options(args),
+        **scene_options(args),
     )
     if not result["main_process"]:
         return 0
