@@ -189,7 +189,7 @@ def test_version_prints_the_package_version(capsys):
     assert capsys.readouterr().out.strip() == f"dynasyn {dynasyn.__version__}"
 
 
-SCENE_COMMANDS = ("train", "augment", "personalize", "benchmark", "evaluate")
+SCENE_COMMANDS = ("train", "augment", "personalize", "benchmark", "evaluate", "zeroshot")
 
 
 def _takes_a_scene(p) -> bool:
@@ -310,3 +310,15 @@ def test_evaluate_takes_the_scene_options(capsys, scene2, tmp_path, train_args, 
     metrics = json.loads((tmp_path / "e2" / "metrics.json").read_text())
     assert metrics["classes"] == ["panda", "bowl"]
     assert metrics["settings"]["scene"] == str(run / "scene")
+
+
+def test_zeroshot_is_a_dynasyn_command_and_refuses_missing_weights(capsys, scene2, tmp_path,
+                                                                    monkeypatch):
+    import dynasyn.dynamicid.train as ztrain
+
+    monkeypatch.setattr(ztrain, "default_out", lambda: tmp_path / "no-weights")
+    out = tmp_path / "zs"
+    code = main(["zeroshot", str(scene2), "<asset0> is jumping", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("dynasyn: error:") and "weights" in err
+    assert len(err.splitlines()) == 1 and not out.exists()

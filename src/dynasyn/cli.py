@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="augmentation prompt provider (default template)")
     bm.add_argument("--device", default="auto")
     bm.add_argument("--no-progress", action="store_true")
+    from dynasyn.dynamicid.cli import add_parser as add_zeroshot_parser
+
+    add_zeroshot_parser(sub, add_scene_args)
     return parser
 
 
@@ -459,8 +462,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zeroshot(args: argparse.Namespace) -> int:
+    from dynasyn.dynamicid.cli import run
+
+    return run(args)
+
+
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "generate": cmd_generate, "augment": cmd_augment,
-            "personalize": cmd_personalize, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark}
+            "personalize": cmd_personalize, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark,
+            "zeroshot": cmd_zeroshot}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,9 +62,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "md+act": dict(_PAPER, lambda_ica=0.0),
 }
 
-MICRO_RECIPE: dict[str, Any] = dict(placeholder_vectors=0, placeholder_init="phrase")
+MICRO_RECIPE: dict[str, Any] = dict(placeholder_vectors=0, placeholder_init="phrase", prompt_prefix="")
 """Defaults every preset takes on the bundled micro model (a config file or ``--set`` still
-override them): each placeholder starts as its subject's noun phrase, one vector per word.
+override them): each placeholder starts as its subject's noun phrase, one vector per word, and
+the training prompts have no "a photo of" (the micro model's captions never do).
 Measured in the micro world (docs/recipe.md): with one class-noun vector per placeholder the
 subject kept its exact identity in 8 % of action images against the text ceiling's 53 %, and
 it was drawn in the other subject's colour in 45 %; with the phrase initialization, above the

@@ -35,15 +35,23 @@ them: OUT/<prompt-slug>_<seed>.png and OUT/<prompt-slug>_grid.png.
 """
 
 
-def add_parser(subparsers: Any) -> None:
-    """Add the ``zeroshot`` subcommand to the ``dynasyn`` parser's subparsers."""
+def add_parser(subparsers: Any, add_scene_args: Any = None) -> None:
+    """Add the ``zeroshot`` subcommand to the ``dynasyn`` parser's subparsers.
+
+    ``add_scene_args(parser)`` adds the positional scene and the scene options every
+    scene-taking command of ``dynasyn`` shares; without it, a plain scene and ``--classes``.
+    """
     p = subparsers.add_parser(
         "zeroshot", help="render a scene's subjects in new prompts with no training (DynamicID)",
         description="Zero-shot multi-subject personalization (DynamicID: SAA + IMR): the "
         "scene's subjects, given by reference crops, rendered by the prompts with no "
         "per-scene training.", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scene", help="scene directory (image, mask0.png..., scene.json)")
+    if add_scene_args is not None:  # the dynasyn CLI's shared scene options
+        add_scene_args(p)
+    else:
+        p.add_argument("scene", help="scene directory (image, mask0.png..., scene.json)")
+        p.add_argument("--classes", nargs="+", help="class noun per mask (overrides scene.json)")
     p.add_argument("prompts", nargs="+", help="prompts using <asset0>, <asset1>, ...")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt (4)")
@@ -58,7 +66,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--refs", nargs="+", metavar="IMAGE",
                    help="one reference image per subject (mask order) instead of the scene's "
                    "crops")
-    p.add_argument("--classes", nargs="+", help="class noun per mask (overrides scene.json)")
     p.add_argument("--steps", type=int, help="DDIM steps (default 25 for micro, else 50)")
     p.add_argument("--guidance", type=float,
                    help="classifier-free guidance (default 5 for micro, else 7.5)")
