@@ -150,6 +150,7 @@ EXACT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("Action", "action_followed"),
     ("ID & action", "identity_and_action"),
     ("Mixing", "identity_mixing"),
+    ("Leak", "identity_mixing_leak"),
 )
 """(column label, exact metric) of the tables' exact columns (micro-world scenes)."""
 
@@ -625,7 +626,9 @@ _EXACT_LEGEND = (
     "relation holds (per image of an action / interaction prompt); ID & action: both in the "
     "same image; Mixing: another scene subject's colour shows (leak), a subject has one "
     "subject's colour and the other's class or pattern (chimera), or both are drawn in one "
-    "colour (merge), per image and prompted subject. Each cell: % of all images of the "
+    "colour (merge), per image and prompted subject; Leak: the leak part of Mixing alone (a "
+    "pattern or class error that happens to be the other subject's counts as a chimera, so "
+    "compare Mixing with the text ceiling's). Each cell: % of all images of the "
     "preset's runs (scenes × seeds) [95 % interval: bootstrap over the runs; Wilson over the "
     "images when there is one run]. Text ceiling: the base model prompted with the subjects' "
     "identity phrases instead of their placeholders (\"a red striped star is jumping\"), same "
