@@ -42,10 +42,9 @@ import json
 import math
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -69,6 +68,7 @@ from dynasyn.dynamicid.saa import (
     saa_state_dict,
 )
 from dynasyn.dynamicid.weights import read_weights, save_weights, weights_bytes
+from dynasyn.micro.train import StagePlan, run_loop
 from dynasyn.micro.world import (
     COLOURS,
     PATTERNS,
@@ -103,18 +103,6 @@ VAL_SIZE = 32
 VAL_SEED = 900_000_000
 TOWER_LR_FACTOR = 0.2
 """The ID encoder's vision tower learns at this fraction of the stage's learning rate."""
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    """Defaults of a stage: batch, planned steps, base learning rate, share of a time budget,
-    first world seed."""
-
-    batch: int
-    steps: int
-    lr: float
-    share: float
-    seed_base: int
 
 
 PLAN: dict[str, StagePlan] = {
@@ -496,12 +484,6 @@ def load_anchor(m: Models, path: Path) -> None:
 # The loop
 
 
-def lr_factor(step: int, progress: float, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine from 1 to 0.1 over ``progress``."""
-    w = min(1.0, (step + 1) / max(1, warmup))
-    return w * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 @dataclass
 class StageResult:
     """What a stage did: its step count, seconds of training, and final directory."""
@@ -544,85 +526,43 @@ def run_stage(trainer: Trainer, *, work: Path, steps: int, seconds: float = math
         print(f"{name}: resumed from {existing[-1].name} (step {start}, {elapsed / 60:.1f} min)",
               flush=True)
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, elapsed: float) -> None:
         write_checkpoint(ckdir, f"step-{step:07d}", trainer.weights(), opt,
                          {"stage": name, "step": step, "elapsed": elapsed,
                           "batch": trainer.batch, "steps": steps})
 
-    warmup = min(200, max(1, steps // 10))
     step = start
-    avg: float | None = None
     val_batch = trainer.validation_batch() if eval_every > 0 else None
 
-    def validate(log: Any) -> None:
+    def validate(step: int, log: IO[str]) -> None:
         if val_batch is None:
             return
         info = trainer.validate(val_batch)
         log.write(json.dumps({"step": step, **info}) + "\n")
         log.flush()
-        bar.write(f"{name} step {step}: " + ", ".join(f"{k} {v:.5f}" for k, v in info.items()))
+        tqdm.write(f"{name} step {step}: " + ", ".join(f"{k} {v:.5f}" for k, v in info.items()))
+
+    def at_start(step: int, log: IO[str]) -> None:
+        if step == 0:
+            validate(step, log)
+
+    def after_step(step: int, log: IO[str]) -> None:
+        if eval_every > 0 and step % eval_every == 0:
+            validate(step, log)
+
+    def at_end(step: int, log: IO[str]) -> None:
+        if eval_every > 0 and step % eval_every != 0:
+            validate(step, log)
 
     if step < steps and elapsed < seconds:
-        sdir.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=steps, initial=start, desc=name, unit="step", disable=not progress,
-                   dynamic_ncols=True)
-        t_run, e_run = time.monotonic(), elapsed
-        last_ckpt = t_run
         loader = DataLoader(trainer.dataset(), batch_size=None, sampler=range(start, steps),
                             num_workers=workers)
-        params = [p for g in opt.param_groups for p in g["params"]]
-        with (sdir / "log.jsonl").open("a") as log:
-            if start == 0:
-                validate(log)
-            try:
-                for data in loader:
-                    elapsed = e_run + time.monotonic() - t_run
-                    if elapsed >= seconds:
-                        break
-                    frac = max(step / steps, elapsed / seconds if math.isfinite(seconds) else 0)
-                    f = lr_factor(step, frac, warmup)
-                    for g, b in zip(opt.param_groups, base_lrs, strict=True):
-                        g["lr"] = b * f
-                    data = {k: v.to(trainer.device) for k, v in data.items()}
-                    gen = torch.Generator(device=trainer.device).manual_seed(
-                        PLAN[name].seed_base + step)
-                    loss, info = trainer.loss(data, gen)
-                    if not torch.isfinite(loss):
-                        raise SystemExit(f"{name}: non-finite loss at step {step}; the last "
-                                         "checkpoint is kept (continue with --resume)")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    opt.step()
-                    step += 1
-                    lv = loss.item()
-                    avg = lv if avg is None else 0.98 * avg + 0.02 * lv
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{avg:.4f}")
-                    if step % 10 == 0 or step == steps or step == start + 1:
-                        log.write(json.dumps({"step": step, "loss": lv, "lr": opt.param_groups[
-                            0]["lr"], "elapsed": round(elapsed, 1), **info}) + "\n")
-                        log.flush()
-                    if eval_every > 0 and step % eval_every == 0:
-                        validate(log)
-                    if time.monotonic() - last_ckpt >= 60 * ckpt_minutes:
-                        elapsed = e_run + time.monotonic() - t_run
-                        checkpoint(step)
-                        last_ckpt = time.monotonic()
-            except KeyboardInterrupt:
-                bar.close()
-                elapsed = e_run + time.monotonic() - t_run
-                checkpoint(step)
-                print(f"\n{name}: interrupted at step {step}; checkpoint written, continue "
-                      "with --resume", file=sys.stderr, flush=True)
-                raise
-            if eval_every > 0 and step % eval_every != 0:
-                validate(log)
-        elapsed = e_run + time.monotonic() - t_run
-        bar.close()
-        checkpoint(step)
-        print(f"{name}: {step} steps, {elapsed / 60:.1f} min"
-              + (f", loss {avg:.4f} (running mean)" if avg is not None else ""), flush=True)
+        step, elapsed = run_loop(
+            name, opt=opt, base_lrs=base_lrs, batches=loader, loss_fn=trainer.loss,
+            checkpoint=checkpoint, log_path=sdir / "log.jsonl", device=trainer.device,
+            start=start, steps=steps, elapsed=elapsed, seconds=seconds,
+            seed_base=PLAN[name].seed_base, ckpt_minutes=ckpt_minutes, progress=progress,
+            log_first=True, at_start=at_start, after_step=after_step, at_end=at_end)
     trainer.export(final, None, {"stage": name, "step": step, "elapsed_s": round(elapsed, 1),
                                  **(extra or {})})
     return StageResult(step, elapsed, final)

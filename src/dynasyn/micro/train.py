@@ -113,10 +113,10 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -841,12 +841,123 @@ def lr_factor(step: int, progress: float, warmup: int) -> float:
     return w * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def schedule_lr(opt: torch.optim.Optimizer, base_lrs: list[float], *, step: int, steps: int,
+                elapsed: float, seconds: float, warmup: int) -> None:
+    """Set every group's learning rate to its base times :func:`lr_factor` of the run's
+    progress, ``max(step / steps, elapsed / seconds)``."""
+    frac = max(step / steps, elapsed / seconds if math.isfinite(seconds) else 0.0)
+    f = lr_factor(step, frac, warmup)
+    for g, base in zip(opt.param_groups, base_lrs, strict=True):
+        g["lr"] = base * f
+
+
+def optimize(opt: torch.optim.Optimizer, loss: torch.Tensor, *, name: str, step: int) -> None:
+    """One optimizer step on ``loss``, gradients clipped to norm 1; a non-finite loss stops
+    the run (``SystemExit``) before it touches the weights."""
+    if not torch.isfinite(loss):
+        raise SystemExit(f"{name}: non-finite loss at step {step}; the last checkpoint is kept "
+                         "(continue with --resume)")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    opt.step()
+
+
+def log_step(log: Any, opt: torch.optim.Optimizer, *, step: int, loss: float, elapsed: float,
+             info: dict[str, float]) -> None:
+    """Append one line of the training log (step, loss, first group's lr, elapsed, ``info``)."""
+    log.write(json.dumps({"step": step, "loss": loss, "lr": opt.param_groups[0]["lr"],
+                          "elapsed": round(elapsed, 1), **info}) + "\n")
+    log.flush()
+
+
+def report_interrupted(name: str, step: int) -> None:
+    """Say on stderr that the run stopped at ``step`` with a checkpoint written."""
+    print(f"\n{name}: interrupted at step {step}; checkpoint written, continue with --resume",
+          file=sys.stderr, flush=True)
+
+
+def report_done(name: str, step: int, elapsed: float, avg: float | None) -> None:
+    """Print a stage's summary: steps, minutes and the running mean of the loss."""
+    print(f"{name}: {step} steps, {elapsed / 60:.1f} min"
+          + (f", loss {avg:.4f} (running mean)" if avg is not None else ""), flush=True)
+
+
 @dataclass
 class StageResult:
     """What a stage did: its step count and seconds of training (all runs together)."""
 
     step: int
     elapsed: float
+
+
+LossFn = Callable[[dict[str, torch.Tensor], torch.Generator], tuple[torch.Tensor, dict[str, float]]]
+"""A stage's loss: (batch on the device, noise generator) -> (loss, numbers to log)."""
+LogHook = Callable[[int, IO[str]], None]
+"""Called with the step and the open training log."""
+
+
+def run_loop(name: str, *, opt: torch.optim.Optimizer, base_lrs: list[float], batches: Iterable[dict[str, torch.Tensor]],
+             loss_fn: LossFn, checkpoint: Callable[[int, float], None], log_path: Path,
+             device: torch.device, start: int, steps: int, elapsed: float, seconds: float,
+             seed_base: int, ckpt_minutes: float, progress: bool = True,
+             log_first: bool = False, show_info: bool = False, at_start: LogHook | None = None,
+             after_step: LogHook | None = None, at_end: LogHook | None = None) -> tuple[int, float]:
+    """The training loop both trainers share, from step ``start`` (``elapsed`` seconds already
+    spent) until ``steps`` or ``seconds``: :func:`schedule_lr` (from the groups' ``base_lrs``,
+    taken before a resumed optimizer's state is loaded), the loss of ``batches`` (one
+    per step; step ``s`` draws its noise from a generator seeded ``seed_base + s``),
+    :func:`optimize`, a log line every 10 steps (and the first with ``log_first``) appended to
+    ``log_path``, ``checkpoint(step, elapsed)`` every ``ckpt_minutes``, on Ctrl-C (then
+    re-raised) and at the end. The hooks get the step and the open log: ``at_start`` before the
+    first step, ``after_step`` after each, ``at_end`` after the last. Returns the final step and
+    elapsed seconds."""
+    warmup = min(200, max(1, steps // 10))
+    step, avg = start, None
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=steps, initial=start, desc=name, unit="step", disable=not progress,
+               dynamic_ncols=True)
+    t_run, e_run = time.monotonic(), elapsed
+    last_ckpt = t_run
+    with log_path.open("a") as log:
+        if at_start is not None:
+            at_start(step, log)
+        try:
+            for batch_data in batches:
+                elapsed = e_run + time.monotonic() - t_run
+                if elapsed >= seconds:
+                    break
+                schedule_lr(opt, base_lrs, step=step, steps=steps, elapsed=elapsed,
+                            seconds=seconds, warmup=warmup)
+                data = {k: v.to(device, non_blocking=True) for k, v in batch_data.items()}
+                gen = torch.Generator(device=device).manual_seed(seed_base + step)
+                loss, info = loss_fn(data, gen)
+                optimize(opt, loss, name=name, step=step)
+                step += 1
+                lv = loss.item()
+                avg = lv if avg is None else 0.98 * avg + 0.02 * lv
+                bar.update(1)
+                shown = {k: f"{v:.3g}" for k, v in info.items()} if show_info else {}
+                bar.set_postfix(loss=f"{avg:.4f}", **shown)
+                if step % 10 == 0 or step == steps or (log_first and step == start + 1):
+                    log_step(log, opt, step=step, loss=lv, elapsed=elapsed, info=info)
+                if after_step is not None:
+                    after_step(step, log)
+                if time.monotonic() - last_ckpt >= 60 * ckpt_minutes:
+                    checkpoint(step, e_run + time.monotonic() - t_run)
+                    last_ckpt = time.monotonic()
+        except KeyboardInterrupt:
+            bar.close()
+            checkpoint(step, e_run + time.monotonic() - t_run)
+            report_interrupted(name, step)
+            raise
+        if at_end is not None:
+            at_end(step, log)
+    elapsed = e_run + time.monotonic() - t_run
+    bar.close()
+    checkpoint(step, elapsed)
+    report_done(name, step, elapsed, avg)
+    return step, elapsed
 
 
 def _batches(ds: Dataset, start: int, end: int, workers: int, pin: bool) -> Iterator[Any]:
@@ -935,7 +1046,7 @@ def train_stage(
         print(f"{name}: resumed from {existing[-1]} (step {start}, {elapsed / 60:.1f} min)",
               flush=True)
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, elapsed: float) -> None:
         weights = {m: mod.state_dict() for m, mod in models.items()}
         if stage.ema is not None:
             weights["ema"] = stage.ema.shadow
@@ -944,72 +1055,24 @@ def train_stage(
                           "steps": steps, "from_bundle": from_bundle,
                           "continuation": continuation})
 
-    warmup = min(200, max(1, steps // 10))
     for mod in models.values():
         mod.train()
     step = start
     if step < steps and elapsed >= seconds:
         print(f"{name}: time budget spent ({elapsed / 60:.1f} min) at step {step}", flush=True)
     if step < steps and elapsed < seconds:
-        sdir.mkdir(parents=True, exist_ok=True)
-        log = (sdir / "log.jsonl").open("a")
-        bar = tqdm(total=steps, initial=start, desc=name, unit="step", disable=not progress,
-                   dynamic_ncols=True)
-        t_run = time.monotonic()
-        e_run = elapsed
-        last_ckpt = t_run
-        avg: float | None = None
-        batches = _batches(stage.dataset(), start, steps, workers, device.type == "cuda")
-        try:
-            for batch_data in batches:
-                elapsed = e_run + time.monotonic() - t_run
-                if elapsed >= seconds:
-                    break
-                frac = max(step / steps, elapsed / seconds if math.isfinite(seconds) else 0.0)
-                f = lr_factor(step, frac, warmup)
-                for g, lr in zip(opt.param_groups, base_lrs, strict=True):
-                    g["lr"] = lr * f
-                data = {k: v.to(device, non_blocking=True) for k, v in batch_data.items()}
-                gen = torch.Generator(device=device).manual_seed(seed_base + step)
-                loss, info = stage.loss(data, gen)
-                if not torch.isfinite(loss):
-                    raise SystemExit(
-                        f"{name}: non-finite loss at step {step}; last checkpoint kept"
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in opt.param_groups for p in g["params"]], 1.0
-                )
-                opt.step()
-                step += 1
-                if stage.ema is not None:
-                    stage.ema.update(step)
-                lv = loss.item()
-                avg = lv if avg is None else 0.98 * avg + 0.02 * lv
-                bar.update(1)
-                bar.set_postfix(loss=f"{avg:.4f}", **{k: f"{v:.3g}" for k, v in info.items()})
-                if step % 10 == 0 or step == steps:
-                    log.write(json.dumps({"step": step, "loss": lv, "lr": opt.param_groups[0]["lr"],
-                                          "elapsed": round(elapsed, 1), **info}) + "\n")
-                    log.flush()
-                if time.monotonic() - last_ckpt >= 60 * ckpt_minutes:
-                    elapsed = e_run + time.monotonic() - t_run
-                    checkpoint(step)
-                    last_ckpt = time.monotonic()
-        except KeyboardInterrupt:
-            bar.close()
-            elapsed = e_run + time.monotonic() - t_run
-            checkpoint(step)
-            print(f"\n{name}: interrupted at step {step}; checkpoint written, continue with "
-                  "--resume", file=sys.stderr, flush=True)
-            raise
-        elapsed = e_run + time.monotonic() - t_run
-        bar.close()
-        log.close()
-        checkpoint(step)
-        print(f"{name}: {step} steps, {elapsed / 60:.1f} min"
-              + (f", loss {avg:.4f}" if avg is not None else ""), flush=True)
+
+        def update_ema(step: int, log: IO[str]) -> None:
+            if stage.ema is not None:
+                stage.ema.update(step)
+
+        step, elapsed = run_loop(
+            name, opt=opt, base_lrs=base_lrs, device=device, log_path=sdir / "log.jsonl",
+            batches=_batches(stage.dataset(), start, steps, workers, device.type == "cuda"),
+            loss_fn=stage.loss, checkpoint=checkpoint, start=start, steps=steps,
+            elapsed=elapsed, seconds=seconds, seed_base=seed_base, ckpt_minutes=ckpt_minutes,
+            progress=progress, show_info=True, after_step=update_ema,
+        )
     for mod in models.values():
         mod.eval()
     tmp = sdir / ".final-tmp"
