@@ -6,6 +6,7 @@ reader (or a run killed mid-write and resumed) never sees half a file.
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["atomic_dir", "atomic_file", "save_tensors"]
+__all__ = ["atomic_dir", "atomic_file", "replace_dir", "save_tensors"]
 
 
 @contextmanager
@@ -51,3 +52,16 @@ def atomic_dir(path: str | Path, write: Callable[[Path], Any]) -> Path:
         shutil.rmtree(path)
     tmp.rename(path)
     return path
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished directory ``tmp`` to ``final``, replacing any previous ``final``.
+
+    Two renames: a reader sees the old directory, none, or the new one — never half of one.
+    """
+    old = final.with_name(f".old-{final.name}-{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)

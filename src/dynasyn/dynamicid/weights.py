@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dynasyn.atomic import replace_dir
 from dynasyn.errors import InputError
 
 __all__ = [
@@ -94,12 +95,7 @@ def save_weights(out: str | Path, *, unet: nn.Module, encoder: nn.Module,
         tmp.chmod(0o777 & ~um)
         for f in tmp.iterdir():
             f.chmod(0o666 & ~um)
-        old = out.with_name(f".old-{out.name}-{os.getpid()}")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        if old.exists():
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

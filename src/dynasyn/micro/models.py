@@ -37,7 +37,6 @@ The tokenizer is saved as ``vocab.json`` + ``merges.txt`` (1.4 MB) rather than t
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -56,6 +55,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from dynasyn.atomic import replace_dir
 from dynasyn.config import umask_mode
 from dynasyn.errors import InputError
 
@@ -363,12 +363,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     tmp.chmod(0o755)
     for f in tmp.rglob("*"):
         f.chmod(0o755 if f.is_dir() else 0o644)
-    old = final.with_name(f".old-{final.name}-{os.getpid()}")
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, final)
 
 
 def save_bundle(
