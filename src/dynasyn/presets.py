@@ -68,8 +68,8 @@ override them): each placeholder starts as its subject's noun phrase, one vector
 the training prompts have no "a photo of" (the micro model's captions never do). Measured
 (docs/recipe.md): on two tuning scenes at demo scale, exact identity in action images rose
 from 8 % (one class-noun vector) to 45-58 % (text ceiling 53 %) and colour mixing fell from
-45 % to 0; on two held-out scenes identity in action images rose from 12.5 % to 28 % (ceiling
-47 %), overall from 16 % to 17 % (ceiling 30 %)."""
+45 % to 0; on two held-out scenes (two seeds) identity in action images rose from 16 % to 28 %
+(ceiling 47 %), but over all prompts it is 15 % against 17 % (ceiling 30 %): no overall gain."""
 
 PRESET_HELP = {
     "dynasyn": "the paper: MD + M2A + ICA + AUG, Table 4 values (700 + 700 steps, Adam)",
