@@ -227,6 +227,15 @@ class _AdapterBase(nn.Module):
                    temb: torch.Tensor | None) -> torch.Tensor:
         return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
+    def _add_lora(self, attn: Attention, rank: int, network_alpha: float | None) -> None:
+        """LoRA on ``to_q/to_k/to_v/to_out`` under the official names (``to_q_lora``, …)."""
+        inner, query_dim = attn.to_q.out_features, attn.to_q.in_features
+        kv_in = attn.to_k.in_features
+        self.to_q_lora = LoRALinear(query_dim, inner, rank, network_alpha)
+        self.to_k_lora = LoRALinear(kv_in, inner, rank, network_alpha)
+        self.to_v_lora = LoRALinear(kv_in, inner, rank, network_alpha)
+        self.to_out_lora = LoRALinear(inner, attn.to_out[0].out_features, rank, network_alpha)
+
 
 def _lora_linear(layer: nn.Module, lora: LoRALinear, x: torch.Tensor, scale: float) -> torch.Tensor:
     return layer(x) + scale * lora(x)
@@ -279,12 +288,7 @@ class LoRASelfAttnProcessor(_AdapterBase):
     def __init__(self, attn: Attention, context: SAAContext, base: Any, rank: int = 4,
                  network_alpha: float | None = None) -> None:
         super().__init__(context, base)
-        inner, query_dim = attn.to_q.out_features, attn.to_q.in_features
-        kv_in = attn.to_k.in_features
-        self.to_q_lora = LoRALinear(query_dim, inner, rank, network_alpha)
-        self.to_k_lora = LoRALinear(kv_in, inner, rank, network_alpha)
-        self.to_v_lora = LoRALinear(kv_in, inner, rank, network_alpha)
-        self.to_out_lora = LoRALinear(inner, attn.to_out[0].out_features, rank, network_alpha)
+        self._add_lora(attn, rank, network_alpha)
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor,
                  encoder_hidden_states: torch.Tensor | None = None,
@@ -321,12 +325,8 @@ class SAAProcessor(_AdapterBase):
     def __init__(self, attn: Attention, context: SAAContext, base: Any, rank: int = 4,
                  network_alpha: float | None = None) -> None:
         super().__init__(context, base)
-        inner, query_dim = attn.to_q.out_features, attn.to_q.in_features
-        cross = attn.to_k.in_features
-        self.to_q_lora = LoRALinear(query_dim, inner, rank, network_alpha)
-        self.to_k_lora = LoRALinear(cross, inner, rank, network_alpha)
-        self.to_v_lora = LoRALinear(cross, inner, rank, network_alpha)
-        self.to_out_lora = LoRALinear(inner, attn.to_out[0].out_features, rank, network_alpha)
+        self._add_lora(attn, rank, network_alpha)
+        inner, cross = attn.to_q.out_features, attn.to_k.in_features
         self.to_k_ip = nn.Linear(cross, inner, bias=False)
         self.to_v_ip = nn.Linear(cross, inner, bias=False)
         with torch.no_grad():  # start from the text projections (IP-Adapter's initialization)

@@ -171,21 +171,31 @@ def _crop(r: Any, crop_size: int) -> Any:
     return subject_crop(r.image, r.masks[0], crop_size)
 
 
-class AnchorBatches(Dataset):
+class _PairBatches(Dataset):
+    """Endless batches of render pairs of one stage; ``seed_base`` defaults to the stage's
+    band, ``identities`` (validation) fixes the identities, cycling."""
+
+    stage = "anchor"
+
+    def __init__(self, batch: int, tokenizer: Any, size: int, crop_size: int,
+                 seed_base: int | None = None,
+                 identities: list[Identity] | None = None) -> None:
+        self.batch, self.tokenizer, self.size = batch, tokenizer, size
+        self.crop_size = crop_size
+        self.seed_base = PLAN[self.stage].seed_base if seed_base is None else seed_base
+        self.identities = identities
+
+    def __len__(self) -> int:
+        return 2**31 - 1
+
+
+class AnchorBatches(_PairBatches):
     """Batch ``step`` of the anchoring stage: ``ref`` (reference crops, CLIP-normalized),
     ``pixels`` (targets in [-1, 1]), ``input_ids`` (class captions, 5 % empty), ``id_drop``
     (bool: use the unconditional tokens). ``identities`` (validation) fixes the identities,
     cycling, and switches the dropouts off."""
 
-    def __init__(self, batch: int, tokenizer: Any, size: int, crop_size: int,
-                 seed_base: int = PLAN["anchor"].seed_base,
-                 identities: list[Identity] | None = None) -> None:
-        self.batch, self.tokenizer, self.size = batch, tokenizer, size
-        self.crop_size, self.seed_base = crop_size, seed_base
-        self.identities = identities
-
-    def __len__(self) -> int:
-        return 2**31 - 1
+    stage = "anchor"
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         pairs, texts, drop = [], [], []
@@ -205,20 +215,12 @@ class AnchorBatches(Dataset):
         }
 
 
-class ReconfigBatches(Dataset):
+class ReconfigBatches(_PairBatches):
     """Batch ``step`` of the reconfiguration stage: crops ``ref_a`` / ``ref_b``, target pixels
     ``pixels_b``, class captions ``ids_a`` / ``ids_b``, labels ``identity``, ``action_a``,
     ``action_b`` (indices)."""
 
-    def __init__(self, batch: int, tokenizer: Any, size: int, crop_size: int,
-                 seed_base: int = PLAN["reconfig"].seed_base,
-                 identities: list[Identity] | None = None) -> None:
-        self.batch, self.tokenizer, self.size = batch, tokenizer, size
-        self.crop_size, self.seed_base = crop_size, seed_base
-        self.identities = identities
-
-    def __len__(self) -> int:
-        return 2**31 - 1
+    stage = "reconfig"
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         from dynasyn.micro.world import ACTIONS
