@@ -281,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dynasyn.dynamicid.cli import add_parser as add_zeroshot_parser
 
     add_zeroshot_parser(sub, add_scene_args)
+    from dynasyn.export import add_parser as add_export_parser
+
+    add_export_parser(sub)
     return parser
 
 
@@ -462,6 +465,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from dynasyn.export import run
+
+    return run(args)
+
+
 def cmd_zeroshot(args: argparse.Namespace) -> int:
     from dynasyn.dynamicid.cli import run
 
@@ -470,7 +479,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "generate": cmd_generate, "augment": cmd_augment,
             "personalize": cmd_personalize, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark,
-            "zeroshot": cmd_zeroshot}
+            "zeroshot": cmd_zeroshot, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
