@@ -8,6 +8,7 @@ Examples::
 
     python scripts/make_examples.py                 # writes examples/<name>/ (64x64)
     python scripts/make_examples.py --out /tmp/ex --size 128
+    python scripts/make_examples.py --bench --out bench-scenes   # the benchmark's ten scenes
 
 The output is deterministic: rerunning rewrites identical files.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dynasyn.micro.examples import EXAMPLES, write_example
+from dynasyn.micro.examples import BENCH_SCENES, EXAMPLES, write_example
 from dynasyn.micro.world import render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,10 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", type=Path, default=ROOT / "examples", help="output folder")
     ap.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    ap.add_argument("--bench", action="store_true",
+                    help="the benchmark's ten scenes (five tuning, five held out) instead")
     args = ap.parse_args(argv)
-    for name, (spec, seed) in EXAMPLES.items():
+    specs = ({k: (spec, seed) for k, (spec, seed, _) in BENCH_SCENES.items()} if args.bench
+             else EXAMPLES)
+    for name, (spec, seed) in specs.items():
         r = render(spec, size=args.size, seed=seed)
-        print(f"{write_example(args.out, name, r)}: {r.caption()}")
+        role = f" [{BENCH_SCENES[name][2]}]" if args.bench else ""
+        print(f"{write_example(args.out, name, r)}: {r.caption()}{role}")
     return 0
 
 

@@ -584,3 +584,30 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     assert (tmp_path / "private.md").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "table1.md").read_text() == "| a |\n"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_shards_split_the_scenes_and_report_only_writes_the_tables(bench_args, tmp_path,
+                                                                    monkeypatch):
+    """``shard=(k, n)``: a shard trains only its scenes and writes no tables;
+    ``report_only`` trains nothing and tabulates what is finished."""
+    scenes = [synthetic_scene(tmp_path / f"scene{c}", 2) for c in "AB"]
+    args = dict(bench_args, scenes=scenes, presets="md", seeds=[0, 1], out=tmp_path / "out")
+    calls = Calls(monkeypatch)
+    first = run_benchmark(**args, shard=(1, 2))  # scene index 1 = sceneB
+    assert {Path(c["out"]).parts[-4:-1] for c in calls.train} == {
+        ("sceneB", "md", "seed0"), ("sceneB", "md", "seed1")}
+    assert first["files"] == [] and not (Path(args["out"]) / "table1.md").exists()
+    assert {c["status"] for c in first["cells"] if c["scene"] == "sceneA"} == {"other shard"}
+
+    calls.train.clear()
+    calls.evaluate.clear()
+    partial = run_benchmark(**args, report_only=True)
+    assert calls.train == [] and calls.evaluate == []
+    assert sorted(partial["missing"]) == ["sceneA/md/seed0 (not run)", "sceneA/md/seed1 (not run)"]
+    assert (Path(args["out"]) / "table1.md").is_file()
+
+    run_benchmark(**args, shard=(0, 2))
+    assert {Path(c["out"]).parts[-4] for c in calls.train} == {"sceneA"}
+    assert run_benchmark(**args, report_only=True)["missing"] == []
+    with pytest.raises(InputError, match="shard 2/2 does not exist"):
+        run_benchmark(**args, shard=(2, 2))

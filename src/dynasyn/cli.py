@@ -276,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="augmented prompts per scene for presets with L_AUG (default 30)")
     bm.add_argument("--provider", default="template", choices=["template", "micro"],
                     help="augmentation prompt provider (default template)")
+    bm.add_argument("--shard", type=_shard, metavar="K/N",
+                    help="run only the scenes with index K modulo N, for N independent calls "
+                    "on the same --out (several per GPU, or one per machine); no tables: a "
+                    "last call without --shard, or with --report-only, writes them")
+    bm.add_argument("--report-only", action="store_true",
+                    help="train nothing; write the tables from the cells finished so far")
     bm.add_argument("--device", default="auto")
     bm.add_argument("--no-progress", action="store_true")
     from dynasyn.dynamicid.cli import add_parser as add_zeroshot_parser
@@ -422,6 +428,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """``K/N`` -> ``(K, N)`` for ``benchmark --shard``."""
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not K/N (e.g. 0/4)") from None
+    if not (n >= 1 and 0 <= k < n):
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= K < N (e.g. 0/4)")
+    return k, n
+
+
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from dynasyn.config import parse_set
     from dynasyn.evaluate.benchmark import run_benchmark
@@ -443,8 +460,17 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                          **({"ceiling": False} if args.no_ceiling else {})),
         augment_kwargs=dict(num_prompts=args.num_prompts, provider=args.provider),
         progress=not args.no_progress,
+        shard=args.shard,
+        report_only=args.report_only,
         **scene_options(args),
     )
+    if args.shard is not None and not args.report_only:
+        failed = [c for c in result["cells"] if c["status"].startswith("failed")]
+        for c in failed:
+            print(f"dynasyn: cell {c['dir']} {c['status']}", file=sys.stderr)
+        print(f"shard {args.shard[0]}/{args.shard[1]} done in {result['out']}; write the "
+              "tables with the same command without --shard (or with --report-only)")
+        return 1 if failed else 0
     if not result["main_process"]:
         return 0
     finished = len(result["cells"]) - len(result["missing"])

@@ -1040,6 +1040,8 @@ def run_benchmark(
     augment_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
     classes: Sequence[str] | None = None,
+    shard: tuple[int, int] | None = None,
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate every (scene, preset, seed) cell into ``out``; write the tables.
 
@@ -1062,6 +1064,13 @@ def run_benchmark(
         classes: class nouns, one per mask, for every scene (overriding their
             ``scene.json``; the command line's ``--classes``): every scene must then have that
             many masks. Per-scene classes belong in each scene's ``scene.json``.
+        shard: ``(k, n)``: this call is shard ``k`` of ``n`` independent calls on the same
+            ``out`` (several processes on one GPU, or machines sharing a disk): it takes the
+            scenes whose index in ``scenes`` is ``k`` modulo ``n`` — every cell of a scene in
+            one shard, so a scene's augmentation and ceiling images are made once — and
+            writes no tables (a last call without ``shard`` or with ``report_only`` does).
+        report_only: train and evaluate nothing; write the tables from the cells finished
+            so far (the others are listed as missing).
 
     Returns:
         ``{"out", "main_process", "cells": [{"scene", "preset", "seed", "dir", "status"}],
@@ -1078,6 +1087,9 @@ def run_benchmark(
     from accelerate import PartialState
 
     # ---------------------------------------------------------------- validate everything
+    if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+        raise InputError(f"shard {shard[0]}/{shard[1]} does not exist; use K/N with "
+                         "0 <= K < N, e.g. --shard 0/4")
     classes = list(classes) if classes else None
     scene_dirs = _scenes(scenes, classes)
     preset_names = _presets(presets)
@@ -1117,7 +1129,12 @@ def run_benchmark(
     if distributed and ev_kw.get("device", "auto") == "auto":  # this process's own device
         ev_kw["device"] = str(state.device)
     say = progress and main
-    todo = [c for c in cells if not c.finished]
+    todo = [] if report_only else [c for c in cells if not c.finished]
+    if shard is not None:
+        k, n = shard
+        order = {name: i for i, name in enumerate(scene_dirs)}
+        todo = [c for c in todo if order[c.scene] % n == k]
+        todo.sort(key=lambda c: (c.seed, preset_names.index(c.preset)))  # whole seeds first
     state.wait_for_everyone()  # all processes validated and share one to-do list
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -1125,7 +1142,9 @@ def run_benchmark(
     state.wait_for_everyone()
 
     # ---------------------------------------------------------------- augmentation (shared)
-    status: dict[Cell, str] = {c: "done" for c in cells if c not in todo}
+    status: dict[Cell, str] = {
+        c: "done" if c.finished else "other shard" if shard else "not run"
+        for c in cells if c not in todo}
     if aug_cfg is not None:
         for name, scene_dir in scene_dirs.items():
             if any(c.scene == name and c.needs_aug and not (c.run / RUN_INFO).is_file()
@@ -1153,6 +1172,12 @@ def run_benchmark(
     state.wait_for_everyone()
 
     # ---------------------------------------------------------------- tables
+    if shard is not None and not report_only:
+        return {"out": str(out), "main_process": False,
+                "cells": [{"scene": c.scene, "preset": c.preset, "seed": c.seed,
+                           "dir": str(c.dir), "status": status.get(c, "other shard")}
+                          for c in cells],
+                "files": []}
     stats = collect(cells, categories, rescore=main)
     header = (f"scenes: {', '.join(scene_dirs)} · seeds: {', '.join(map(str, seed_list))} · "
               f"model: `{model}` · training: {_settings_text(settings['train'])} · "

@@ -51,6 +51,42 @@ EXAMPLES: dict[str, tuple[SceneSpec, int]] = {
 }
 """name -> (spec, seed): two scenes of two subjects, two of three, and one more of two."""
 
+BENCH_SCENES: dict[str, tuple[SceneSpec, int, str]] = {
+    # tuning: the micro recipe was chosen on the first two; λ sweeps may use all five
+    "tune_heart_cube": (
+        SceneSpec((Identity("heart", "green", "checkered"), Identity("cube", "orange", "striped"))),
+        11, "tuning",
+    ),
+    "tune_cat_ring": (
+        SceneSpec((Identity("cat", "purple", "plain"), Identity("ring", "yellow", "dotted"))),
+        12, "tuning",
+    ),
+    "cat_fish": (*EXAMPLES["cat_fish"], "tuning"),
+    "three_toys": (*EXAMPLES["three_toys"], "tuning"),
+    "three_beach": (*EXAMPLES["three_beach"], "tuning"),
+    # held out: never used to choose anything
+    "star_ball": (*EXAMPLES["star_ball"], "held-out"),
+    "fish_ring": (*EXAMPLES["fish_ring"], "held-out"),
+    "held_pyramid_fish": (
+        SceneSpec((Identity("pyramid", "pink", "checkered"), Identity("fish", "green", "dotted")),
+                  background="night"),
+        21, "held-out",
+    ),
+    "held_cube_heart": (
+        SceneSpec((Identity("cube", "cyan", "dotted"), Identity("heart", "red", "plain")),
+                  background="grass"),
+        22, "held-out",
+    ),
+    "held_star_cat": (
+        SceneSpec((Identity("star", "orange", "plain"), Identity("cat", "blue", "checkered")),
+                  background="beach"),
+        23, "held-out",
+    ),
+}
+"""The benchmark's ten scenes: name -> (spec, seed, role); role is ``tuning`` (recipes and
+weights may be chosen on them) or ``held-out`` (only ever measured). Rendered by
+``python scripts/make_examples.py --bench``."""
+
 MIN_GAP = 2
 """Subjects of an example are at least this many pixels apart (no touching masks)."""
 
