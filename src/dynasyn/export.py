@@ -47,8 +47,8 @@ from dynasyn.atomic import replace_dir
 from dynasyn.errors import InputError
 from dynasyn.rundir import EMBEDS, RUN_INFO, read_run
 
-__all__ = ["FOLDERS", "FORMATS", "MANIFEST", "PARTS", "add_parser", "export_run", "kohya_lora",
-           "run"]
+__all__ = ["FOLDERS", "FORMATS", "MANIFEST", "PARTS", "add_parser", "default_parts",
+           "embedding_files", "export_run", "kohya_lora", "run"]
 
 FORMATS = ("a1111", "comfyui", "diffusers")
 PARTS = ("embeddings", "lora", "checkpoint")
@@ -158,10 +158,10 @@ def _check(run: Path, fmt: str, parts: list[str] | None, out: Path, overwrite: b
                              "model; export its embeddings (--only embeddings)")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a directory; choose another --out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
     if out.resolve() == run.resolve() or out.resolve() in run.resolve().parents:
         raise InputError(f"--out {out} is the run or holds it; choose another folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
     return info
 
 
@@ -184,14 +184,16 @@ def export_run(run: str | Path, fmt: str, out: str | Path, parts: list[str] | No
     if hasattr(pipe, "text_encoder_2"):
         raise InputError(f"{run} is an SDXL run; export supports SD 1.x / 2.x runs")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.export-{uuid.uuid4().hex[:8]}"
+    if fmt != "diffusers" and parts is None:
+        parts = default_parts(info["mode"])
+    final = out.resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.export-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         if fmt == "diffusers":
             files, words = _write_diffusers(pipe, tmp), {p: p for p in info["placeholders"]}
         else:
-            parts = parts if parts is not None else default_parts(info["mode"])
             files = _write_ui(run, pipe, tmp, FOLDERS[fmt], parts, stem)
             words = {p: (p.strip("<>") if fmt == "a1111" else f"embedding:{p.strip('<>')}")
                      for p in info["placeholders"]} if "embeddings" in parts else {}
@@ -200,11 +202,16 @@ def export_run(run: str | Path, fmt: str, out: str | Path, parts: list[str] | No
             "mode": info["mode"], "files": files, "prompt_words": words,
             "classes": info.get("classes", []),
         }
+        if fmt != "diffusers" and "checkpoint" in parts:
+            from dynasyn.models import resolve_model
+
+            # from_single_file(ckpt, config=...) reads the component configs from here
+            manifest["single_file_config"] = resolve_model(info["base_model"])
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            replace_dir(tmp, out)
+        if final.exists():
+            replace_dir(tmp, final)
         else:
-            tmp.rename(out)
+            tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
@@ -277,6 +284,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {f}")
     if args.format == "diffusers":
         print(f"  load: StableDiffusionPipeline.from_pretrained({str(args.out)!r})")
+    if "single_file_config" in manifest:
+        print("  diffusers: StableDiffusionPipeline.from_single_file(CHECKPOINT, "
+              f"config={manifest['single_file_config']!r})")
     if manifest["prompt_words"]:
         print("prompt words: " + ", ".join(f"{w} ({c})" for w, c in zip(
             manifest["prompt_words"].values(), manifest["classes"], strict=False)))
