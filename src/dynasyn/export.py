@@ -63,9 +63,9 @@ MANIFEST = "dynasyn-export.json"
 
 EXAMPLES = """examples:
   dynasyn export runs/bear --format a1111 --out export/bear      # then copy into the webui folder
-  dynasyn export runs/bear --format comfyui --out ~/ComfyUI --overwrite
+  dynasyn export runs/bear --format comfyui --out export/bear-comfy  # then copy models/ over
   dynasyn export runs/lora --format a1111 --only lora --out export/l
-  dynasyn export runs/lora --format a1111 --only checkpoint --out export/merged   # LoRA fused
+  dynasyn export runs/lora --format a1111 --only checkpoint,embeddings --out export/merged  # fused
   dynasyn export runs/bear --format diffusers --out export/bear-pipe   # from_pretrained(folder)
 
 a1111 / comfyui write, under OUT (copy its contents into the UI's folder):
@@ -271,7 +271,8 @@ def add_parser(subparsers: Any) -> None:
                    "embeddings + the run's LoRA or checkpoint)")
     p.add_argument("--name", help="file name of the LoRA / checkpoint (default: the run "
                    "folder's name)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out as a whole (export into a folder of its own)")
 
 
 def run(args: argparse.Namespace) -> int:
