@@ -216,6 +216,7 @@ def _leftovers(parent: Path) -> list[str]:
     (["--format", "a1111", "--only", "lora"], "is a full run: it has no LoRA to export"),
     (["--format", "diffusers", "--only", "lora"], "--only applies to --format a1111 / comfyui"),
     (["--format", "a1111", "--only", "loras"], "unknown part 'loras' in --only"),
+    (["--format", "a1111", "--only", ","], "--only names no part"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, capsys, args, message):
     out = tmp_path / "out"
@@ -268,3 +269,40 @@ def test_a_unet_outside_the_sd_layout_is_refused():
     sd = {**unet.state_dict(), "extra_block.weight": torch.zeros(1)}
     with pytest.raises(ValueError, match="outside the SD 1.x/2.x layout.*extra_block"):
         unet_to_ldm(sd, unet.config)
+
+
+def test_sd_shaped_unet_and_vae_get_the_original_key_names():
+    """SD 1.x's block structure (a last down block and first up block without attention, two
+    layers per block, channels 1:2:4:4) at small width: the original checkpoint's key counts
+    (686 UNet, 248 VAE) and names, and diffusers' converter reads them back exactly."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
+
+    from dynasyn.ldm import vae_to_ldm
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64, 128, 128), layers_per_block=2,
+                                cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=(8, 16, 32, 32), layers_per_block=2,
+                        down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8)
+    u, v = unet_to_ldm(unet.state_dict(), unet.config), vae_to_ldm(vae.state_dict(), vae.config)
+    assert (len(u), len(v)) == (686, 248)
+    for k in ("input_blocks.3.0.op.weight", "input_blocks.4.0.skip_connection.weight",
+              "input_blocks.11.0.out_layers.3.weight", "middle_block.1.proj_in.weight",
+              "output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight",
+              "output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight", "time_embed.2.bias"):
+        assert k in u, k
+    for k in ("encoder.down.1.block.0.nin_shortcut.weight", "decoder.up.3.upsample.conv.weight",
+              "decoder.up.0.block.2.conv2.weight", "encoder.mid.attn_1.q.weight"):
+        assert k in v, k
+    back = convert_ldm_unet_checkpoint({"model.diffusion_model." + k: x for k, x in u.items()},
+                                       unet.config)
+    assert back.keys() == unet.state_dict().keys()
+    assert all(torch.equal(back[k], x) for k, x in unet.state_dict().items())
+    back = convert_ldm_vae_checkpoint({"first_stage_model." + k: x for k, x in v.items()},
+                                      vae.config)
+    assert all(torch.equal(back[k], x) for k, x in vae.state_dict().items())

@@ -144,6 +144,8 @@ def _check(run: Path, fmt: str, parts: list[str] | None, out: Path, overwrite: b
         if fmt == "diffusers":
             raise InputError("--only applies to --format a1111 / comfyui; --format diffusers "
                              "writes the whole pipeline")
+        if not parts:
+            raise InputError(f"--only names no part; give some of: {', '.join(PARTS)}")
         unknown = [p for p in parts if p not in PARTS]
         if unknown:
             raise InputError(f"unknown part {unknown[0]!r} in --only; choose from: "
