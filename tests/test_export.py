@@ -107,6 +107,7 @@ def test_lora_run_exports_files_stock_diffusers_loads_from_single_paths(runs, tm
                                          "embeddings/asset1.safetensors",
                                          "models/Lora/lora_lora.safetensors"]
     assert manifest["prompt_words"] == {"<asset0>": "asset0", "<asset1>": "asset1"}
+    assert all((out / f).stat().st_mode & 0o777 == 0o644 for f in manifest["files"])
     # one key per file, (vectors, dim): the multi-vector placeholder keeps its 3 rows
     e0, e1 = (load_file(str(out / f"embeddings/asset{i}.safetensors")) for i in (0, 1))
     assert list(e0) == ["<asset0>"] and e0["<asset0>"].shape == (3, 32)

@@ -210,6 +210,9 @@ def export_run(run: str | Path, fmt: str, out: str | Path, parts: list[str] | No
             # from_single_file(ckpt, config=...) reads the component configs from here
             manifest["single_file_config"] = resolve_model(info["base_model"])
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        for f in tmp.rglob("*"):  # safetensors writes 0600; the files are for another program
+            if f.is_file():
+                f.chmod(0o644)
         if final.exists():
             replace_dir(tmp, final)
         else:
