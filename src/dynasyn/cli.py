@@ -22,6 +22,7 @@ TRAIN_EXAMPLES = """examples:
   dynasyn train scene/ --classes panda bowl --model ./my-sd15 --preset break-a-scene \\
       --out runs/x --lora-rank 8 --checkpoint-every 100
   dynasyn train --out runs/x --resume          # continue a killed run
+  dynasyn train photo.jpg --classes cat ball --out runs/y   # masks from the class names (RUN/masks)
   accelerate launch -m dynasyn.cli train scene/ --out runs/x   # several processes/GPUs
 
 presets:
@@ -31,6 +32,7 @@ AUGMENT_EXAMPLES = """examples:
   dynasyn augment ../shared/data/scenes/bear --model stabilityai/stable-diffusion-2-1-base \\
       --out aug/bear --num-prompts 30
   dynasyn augment scene/ --classes rabbit jacket --out aug/x   # a scene without scene.json
+  dynasyn augment photo.jpg --classes cat ball --out aug/y      # masks from the class names
   DYNASYN_CHAT_BASE_URL=http://localhost:8000/v1 DYNASYN_CHAT_MODEL=qwen2.5 \\
       dynasyn augment scene/ --provider openai --out aug/x       # any OpenAI-compatible server
   dynasyn augment scene/ --inpainter cv2 --segmenter sam --sam-model ./sam-vit-base --out aug/x
@@ -290,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dynasyn.export import add_parser as add_export_parser
 
     add_export_parser(sub)
+    from dynasyn.classmasks.cli import add_parser as add_masks_parser
+
+    add_masks_parser(sub)
     return parser
 
 
@@ -305,6 +310,9 @@ def cmd_train(args: argparse.Namespace, allow_existing: bool = False) -> int:
     else:
         if not args.scene:
             raise InputError("no scene given: pass a scene directory (or --resume with --out RUN)")
+        from dynasyn.classmasks.cli import prepare_photo_run
+
+        allow_existing = prepare_photo_run(args, out) or allow_existing  # a photo: RUN/masks
         overrides = parse_set(args.set)
         overrides.update(
             scene=str(Path(args.scene)),
@@ -358,6 +366,9 @@ def cmd_augment(args: argparse.Namespace) -> int:
     from dynasyn.augment.pipeline import augment
 
     cfg = _augment_config(args, args.model)
+    from dynasyn.classmasks.cli import scene_from_photo
+
+    scene_from_photo(args, Path(args.out) / "scene")  # a photo: masks from --classes
     out = augment(args.scene, args.out, cfg, client=_chat_client(args),
                   progress=not args.no_progress, **scene_options(args))
     print(f"augmented items written to {out} (contact sheets in {out}/cache/*/sheet.png)")
@@ -377,7 +388,10 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         return cmd_train(args)  # augmentation finished: continue training
     if not args.scene:
         raise InputError("no scene given: pass a scene directory")
-    if not args.resume:
+    from dynasyn.classmasks.cli import prepare_photo_run
+
+    photo = prepare_photo_run(args, out)  # a photo: masks from --classes into RUN/masks
+    if not args.resume and not photo:
         prepare_run_dir(out, args.overwrite, False)
     cfg = _augment_config(args, args.model)
     load_scene(args.scene, **scene_options(args))  # refuse a bad scene before deleting anything
@@ -497,6 +511,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_masks(args: argparse.Namespace) -> int:
+    from dynasyn.classmasks.cli import run
+
+    return run(args)
+
+
 def cmd_zeroshot(args: argparse.Namespace) -> int:
     from dynasyn.dynamicid.cli import run
 
@@ -505,7 +525,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "generate": cmd_generate, "augment": cmd_augment,
             "personalize": cmd_personalize, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark,
-            "zeroshot": cmd_zeroshot, "export": cmd_export}
+            "zeroshot": cmd_zeroshot, "export": cmd_export, "masks": cmd_masks}
 
 
 def main(argv: list[str] | None = None) -> int:
