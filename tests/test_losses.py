@@ -70,8 +70,57 @@ def test_ica_loss_value_and_gradient_only_through_placeholder_map():
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     loss.backward()
     assert attn.grad is not None and prior.grad is None
-    # L_AUG has the same form on an augmented item
-    assert aug_loss(attn, prior, mask, valid).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_aug_loss_value_on_a_two_subject_item():
+    # slot 0: the prior's mass outside the item mask is cut; slot 1: a padding slot
+    attn = torch.tensor([[[[2.0, 2.0], [2.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]]], requires_grad=True)
+    prior = torch.tensor([[[[2.0, 1.0], [9.0, 4.0]], [[5.0, 5.0], [5.0, 5.0]]]], requires_grad=True)
+    masks = torch.tensor([[[[1.0, 1.0], [0.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]]]])
+    # slot 0: g(A) = [[1, 1], [1, 0]]; g(M ⊙ Â) = [[.5, .25], [0, 1]] → (.25 + .5625 + 1 + 1) / 4
+    slot0 = (0.25 + 0.5625 + 1.0 + 1.0) / 4
+    loss = aug_loss(attn, prior, masks, torch.tensor([[1.0, 0.0]]))
+    assert loss.item() == pytest.approx(slot0, rel=1e-6)
+    # both slots: slot 1 has g(A) = [[1, 0], [0, 0]] against all ones → 3/4, summed over slots
+    both = aug_loss(attn, prior, masks, torch.ones(1, 2))
+    assert both.item() == pytest.approx(slot0 + 0.75, rel=1e-6)
+    both.backward()
+    assert attn.grad is not None and prior.grad is None  # sg(Â): only the placeholder learns
+
+
+def test_aug_loss_follows_the_item_masks():
+    """The same maps under another mask give another value (the masks are an input that
+    matters), and prior mass outside the mask never does."""
+    attn = torch.tensor([[[[1.0, 0.5], [0.0, 0.0]]]])
+    prior = torch.tensor([[[[4.0, 2.0], [8.0, 8.0]]]])
+    valid = torch.ones(1, 1)
+    top = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
+    bottom = torch.tensor([[[[0.0, 0.0], [1.0, 1.0]]]])
+    assert aug_loss(attn, prior, top, valid).item() == pytest.approx(0.0, abs=1e-7)
+    assert aug_loss(attn, prior, bottom, valid).item() == pytest.approx((1 + 0.25 + 1 + 1) / 4)
+    outside = prior.clone()
+    outside[..., 1, :] = 1000.0
+    assert aug_loss(attn, outside, top, valid).item() == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("loss", ["m2a", "ica", "aug"])
+def test_attention_losses_max_normalize_the_placeholder_map(loss):
+    """g is applied to the placeholder's own map too (docs/decisions.md): scaling A_i by any
+    positive factor changes nothing; a map proportional to its target has zero loss."""
+    prior = torch.tensor([[[[4.0, 2.0], [1.0, 8.0]]]])
+    mask = torch.tensor([[[[1.0, 1.0], [1.0, 0.0]]]])
+    valid = torch.ones(1, 1)
+    target = mask if loss == "m2a" else ica_target(prior, mask)
+
+    def f(a):
+        if loss == "m2a":
+            return m2a_loss(a, mask, valid)
+        return (ica_loss if loss == "ica" else aug_loss)(a, prior, mask, valid)
+
+    assert f(0.03 * target).item() == pytest.approx(0.0, abs=1e-9)  # softmax-sized values
+    attn = torch.tensor([[[[0.02, 0.05], [0.01, 0.04]]]])
+    assert f(attn).item() > 0.1
+    assert f(attn).item() == pytest.approx(f(17.0 * attn).item(), rel=1e-6)
 
 
 def test_total_loss_weights_terms():
