@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dynasyn.classmasks.cli import add_parser as add_masks_parser
 
     add_masks_parser(sub)
+    from dynasyn.ui.cli import add_parser as add_ui_parser
+
+    add_ui_parser(sub)
     return parser
 
 
@@ -517,6 +520,12 @@ def cmd_masks(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from dynasyn.ui.cli import run
+
+    return run(args)
+
+
 def cmd_zeroshot(args: argparse.Namespace) -> int:
     from dynasyn.dynamicid.cli import run
 
@@ -525,7 +534,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "generate": cmd_generate, "augment": cmd_augment,
             "personalize": cmd_personalize, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark,
-            "zeroshot": cmd_zeroshot, "export": cmd_export, "masks": cmd_masks}
+            "zeroshot": cmd_zeroshot, "export": cmd_export, "masks": cmd_masks, "ui": cmd_ui}
 
 
 def main(argv: list[str] | None = None) -> int:
