@@ -14,6 +14,15 @@ SHARED_SCENES = Path(__file__).resolve().parents[2] / "shared" / "data" / "scene
 quiet_libraries()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _class_image_cache(tmp_path_factory):
+    """Class images of prior preservation go to a session folder, not ~/.cache/dynasyn."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DYNASYN_CACHE", str(tmp_path_factory.mktemp("dynasyn-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny epsilon-prediction SD pipeline saved in diffusers format."""

@@ -55,7 +55,7 @@ def bench_args(tmp_path_factory, tiny_model, tiny_clip) -> dict[str, Any]:
         seeds=[0],
         out=root / "out",
         model=str(tiny_model),
-        train_overrides=dict(phase1_steps=1, phase2_steps=1),
+        train_overrides=dict(phase1_steps=1, phase2_steps=1, num_class_images=2),
         eval_kwargs=dict(n=1, steps=1, limit=1, clip_model=str(tiny_clip), device="cpu"),
         augment_kwargs=dict(num_prompts=2, provider="template", draft_steps=2, gsa_steps=4),
         progress=False,
@@ -493,7 +493,7 @@ def test_a_micro_benchmark_has_exact_tables_the_ceiling_once_and_the_plot(
     scene = tmp_path / "star_ball"
     shutil.copytree(Path(__file__).resolve().parents[1] / "examples" / "star_ball", scene)
     res = run_benchmark([scene], "break-a-scene,md", [0], tmp_path / "out", model=str(tiny_model),
-                        train_overrides=dict(phase1_steps=1, phase2_steps=1),
+                        train_overrides=dict(phase1_steps=1, phase2_steps=1, num_class_images=2),
                         eval_kwargs=dict(n=1, steps=1, limit=1, clip_model=str(tiny_clip),
                                          categories="action,interaction", device="cpu"),
                         progress=False)

@@ -23,7 +23,8 @@ from dynasyn.train import Trainer, train
 
 
 def _cfg(model, scene, preset="dynasyn", **kw):
-    base = dict(model=str(model), scene=str(scene), phase1_steps=2, phase2_steps=2)
+    base = dict(model=str(model), scene=str(scene), phase1_steps=2, phase2_steps=2,
+                num_class_images=2)  # break-a-scene's prior preservation: 2, not 100
     base.update(kw)
     return build_config(preset, overrides=base)
 

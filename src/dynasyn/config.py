@@ -54,6 +54,14 @@ class TrainConfig:
     # run the prior passes in that precision (approximate, about half the prior's memory)
     prior_dtype: str = "auto"
     attention_downsample: int | None = None
+    # Break-a-Scene's prior preservation (on in its preset; docs/decisions.md): an unmasked
+    # diffusion loss on class images the base model renders from class_prompt, cached in
+    # class_data_dir (default: $DYNASYN_CACHE or ~/.cache/dynasyn, by model and prompt)
+    prior_preservation: bool = False
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 100
+    class_prompt: str = "a photo at the beach"
+    class_data_dir: str | None = None
     single_subject: bool = False
     # placeholders: tokens per placeholder (0 = one per word of its init text) and what they
     # start from ("class": the class noun; "phrase": the subject's noun phrase, from scene.json
@@ -108,6 +116,10 @@ class TrainConfig:
         if self.prior_dtype not in PRIOR_DTYPES:
             raise InputError(f"prior_dtype must be one of: {', '.join(PRIOR_DTYPES)} "
                              f"(got {self.prior_dtype!r})")
+        if self.prior_preservation and (self.num_class_images < 1 or self.prior_loss_weight < 0):
+            raise InputError("prior preservation needs num_class_images >= 1 and "
+                             f"prior_loss_weight >= 0 (got {self.num_class_images}, "
+                             f"{self.prior_loss_weight}); or set prior_preservation=false")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise InputError("mixed_precision must be one of: no, fp16, bf16")
         return self

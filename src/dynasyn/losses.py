@@ -48,6 +48,12 @@ def masked_diffusion_loss(
     return F.mse_loss(pred.float() * union_mask, target.float() * union_mask, reduction="mean")
 
 
+def prior_preservation_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Break-a-Scene's (DreamBooth's) prior preservation loss: ``‖ε − ε_θ(z_t, t, γ(c_class))‖²``
+    on a class image rendered by the base model, unmasked, averaged over all latent elements."""
+    return F.mse_loss(pred.float(), target.float(), reduction="mean")
+
+
 def _attention_mse(
     attn: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
 ) -> torch.Tensor:

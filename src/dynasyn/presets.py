@@ -1,7 +1,8 @@
 """The paper's method and its baselines as presets of one trainer (one config schema).
 
 Every value the paper gives is the preset default: DynASyn's Table 4 for ``dynasyn`` and the
-ablations, Break-a-Scene's defaults for ``break-a-scene``. The baselines "DB (+mask)" and
+ablations, Break-a-Scene's official defaults for ``break-a-scene`` (including its prior
+preservation: 100 class images of "a photo at the beach", loss weight 1). The baselines "DB (+mask)" and
 "TI (+mask)" train one subject per step with the masked diffusion loss only.
 """
 
@@ -26,7 +27,9 @@ _PAPER: dict[str, Any] = dict(
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper: MD + M2A + ICA + AUG, Table 4 values.
     "dynasyn": dict(_PAPER),
-    # Break-a-Scene: MD + M2A (λ 1e-2), 400 + 400 steps, AdamW (wd 1e-2).
+    # Break-a-Scene: MD + M2A (λ 1e-2), 400 + 400 steps, AdamW (wd 1e-2), and its prior
+    # preservation, on by default in the official code (its --no_prior_preservation turns it
+    # off; here prior_preservation=false): weight 1.0, 100 class images, "a photo at the beach".
     "break-a-scene": dict(
         _PAPER,
         phase1_steps=400,
@@ -35,6 +38,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         weight_decay=1e-2,
         lambda_ica=0.0,
         lambda_aug=0.0,
+        prior_preservation=True,
+        prior_loss_weight=1.0,
+        num_class_images=100,
+        class_prompt="a photo at the beach",
     ),
     # DB (+mask): one subject per step, masked diffusion loss, UNet + text encoder.
     "dreambooth": dict(
@@ -73,7 +80,8 @@ from 8 % (one class-noun vector) to 45-58 % (text ceiling 53 %) and colour mixin
 
 PRESET_HELP = {
     "dynasyn": "the paper: MD + M2A + ICA + AUG, Table 4 values (700 + 700 steps, Adam)",
-    "break-a-scene": "MD + M2A (λ 1e-2), 400 + 400 steps, AdamW wd 1e-2",
+    "break-a-scene": "MD + M2A (λ 1e-2) + prior preservation (100 class images, weight 1), "
+                     "400 + 400 steps, AdamW wd 1e-2",
     "dreambooth": "DB (+mask): one subject per step, masked diffusion, UNet + text encoder",
     "textual-inversion": "TI (+mask): one subject per step, masked diffusion, embeddings only",
     "md": "ablation: MD + M2A with DynASyn's schedule",

@@ -5,6 +5,10 @@ placeholder rows + text encoder + UNet (full), or LoRA adapters on both (``lora_
 Every step: union sampling, L_MD + L_M2A on the scene, L_ICA against the class-noun prior
 (stop-gradient, early-stopped attention-only pass), and L_AUG on one augmented item as a
 separate backward pass (gradients accumulate; the two graphs are never alive together).
+With ``prior_preservation`` (the ``break-a-scene`` preset), phase 2 adds Break-a-Scene's prior
+loss: the unmasked diffusion loss on one cached class image per step, weight
+``prior_loss_weight``, also a separate backward pass (in phase 1 its gradient on the
+placeholder rows is exactly zero, so it is not computed there).
 
 Determinism: each step's randomness is derived from (seed, step, process), and checkpoints hold
 weights and optimizer state, so a resumed run ends bit-identical to an uninterrupted one on CPU.
@@ -40,6 +44,7 @@ from dynasyn.attention import (
     store_weights_as,
 )
 from dynasyn.augment.data import AugItem, load_augmented
+from dynasyn.class_images import ensure_class_images, load_class_images
 from dynasyn.config import TrainConfig
 from dynasyn.errors import InputError, TrainingError
 from dynasyn.losses import (
@@ -47,6 +52,7 @@ from dynasyn.losses import (
     ica_loss,
     m2a_loss,
     masked_diffusion_loss,
+    prior_preservation_loss,
     resize_masks,
     total_loss,
 )
@@ -115,6 +121,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         pipe = load_pipeline(cfg.model)
         self.base_model = resolve_model(cfg.model)
+        vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        self.resolution = cfg.resolution or pipe.unet.config.sample_size * vae_factor
+        self.class_dir = self._class_images(pipe)  # rendered by the untouched base model
         self.tokenizer = pipe.tokenizer
         self.text_encoder = pipe.text_encoder
         self.vae = pipe.vae
@@ -124,8 +133,6 @@ class Trainer:
         self.scheduler_config = dict(pipe.scheduler.config)
         self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
         self.prediction_type = self.noise_scheduler.config.prediction_type
-        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.resolution = cfg.resolution or self.unet.config.sample_size * vae_factor
 
         self.orig_vocab = len(self.tokenizer)
         phrases = list(cfg.phrases) or [s.phrase for s in self.scene.subjects]
@@ -171,6 +178,13 @@ class Trainer:
                     "(run `dynasyn augment` first or use `dynasyn personalize`)"
                 )
                 self.lambdas["aug"] = 0.0
+        self.class_latents: list[_Latents] = []
+        if self.class_dir is not None:
+            pixels = load_class_images(self.class_dir, cfg.num_class_images, self.resolution)
+            self.class_latents = [self._encode(im) for im in pixels]
+            self.class_prompt_ids = self.tokenizer(
+                cfg.class_prompt, padding="max_length", truncation=True,
+                max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
         self.class_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self.phase = 0
         self.optimizer: torch.optim.Optimizer | None = None
@@ -180,6 +194,23 @@ class Trainer:
         self.lora = cfg.lora_rank > 0
 
     # ------------------------------------------------------------------ setup helpers
+    def _class_images(self, pipe) -> Path | None:
+        """Render (or find cached) the class images of prior preservation; None when off.
+
+        Every process renders its share of the missing images, then all wait for the rest.
+        """
+        cfg = self.cfg
+        if not (cfg.prior_preservation and cfg.prior_loss_weight > 0 and cfg.phase2_steps > 0):
+            return None
+        pipe.to(self.device)
+        d = ensure_class_images(pipe, self.base_model, cfg.class_prompt, cfg.num_class_images,
+                                self.resolution, cfg.class_data_dir,
+                                process=self.acc.process_index,
+                                num_processes=self.acc.num_processes,
+                                progress=self.progress and self.acc.is_local_main_process)
+        self.acc.wait_for_everyone()
+        return d
+
     @torch.no_grad()
     def _encode(self, image: torch.Tensor) -> _Latents:
         dist = self.vae.encode(image[None].to(self.device, self.vae.dtype)).latent_dist
@@ -462,6 +493,20 @@ class Trainer:
             prior = self.prior_maps(batch["z"], batch["t"], batch["cl"], k)
         return aug_loss(maps[0], prior, batch["masks"], batch["valid"])
 
+    def prior_batch(self, rng, gen) -> dict:
+        """Draw one class image of prior preservation: its noisy latent and target."""
+        j = rng.randrange(len(self.class_latents))
+        z, t, target = self._noisy(self.class_latents[j], gen)
+        return dict(z=z, t=t, target=target, index=j)
+
+    def prior_term(self, batch: dict) -> torch.Tensor:
+        """Break-a-Scene's prior loss: the unmasked MSE of the prediction for the class image
+        under the class prompt (the model being trained; no attention loss)."""
+        enc = self.text_encoder(self.class_prompt_ids.to(self.device))[0]
+        with self.acc.autocast():
+            pred = self.unet(batch["z"], batch["t"], enc).sample
+        return prior_preservation_loss(pred, batch["target"])
+
     def step(self, gstep: int) -> dict[str, float]:
         """One optimizer step (global step index ``gstep``); returns the loss terms."""
         logs = self.compute_gradients(gstep)
@@ -475,6 +520,8 @@ class Trainer:
         rng, gen = step_rng(self.cfg.seed, gstep, proc), step_generator(self.cfg.seed, gstep, proc)
         batch = self.scene_batch(rng, gen)  # always drawn: the random stream stays the same
         aug = self.aug_batch(rng, gen) if self.lambdas["aug"] > 0 else None
+        # drawn last, so the other terms' draws are those of a run without it
+        keep = self.prior_batch(rng, gen) if self.class_latents and self.phase == 2 else None
         scene_on = any(self.lambdas[k] > 0 for k in ("md", "m2a", "ica"))
         priors: list[torch.Tensor | None] = [None, None]
         if self.cfg.efficient and aug is not None and self.lambdas["ica"] > 0:
@@ -499,6 +546,16 @@ class Trainer:
                 pending.append(self.lambdas["aug"] * la)
             logs["aug"] = float(la.detach())
             logs["loss"] += self.lambdas["aug"] * logs["aug"]
+        if keep is not None:
+            lp = self.prior_term(keep)
+            self._check_finite(lp, {"prior": lp}, gstep)
+            w = self.cfg.prior_loss_weight
+            if self.cfg.efficient:
+                self.acc.backward(w * lp)
+            else:
+                pending.append(w * lp)
+            logs["prior"] = float(lp.detach())
+            logs["loss"] += w * logs["prior"]
         if pending:
             self.acc.backward(sum(pending))
         return logs
