@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     g.add_argument("--negative-prompt")
+    g.add_argument("--mean-shift", type=float, default=0.0, metavar="GAMMA",
+                   help="MuDI's initial noise: its mean moved by GAMMA x the latent of the "
+                   "prompt's subjects cut out of the run's scene and pasted at random (default 0: off)")
     g.add_argument("--out", help="output directory (default RUN/generated)")
     g.add_argument("--device", default="auto")
     g.add_argument("--no-progress", action="store_true")
@@ -348,18 +351,20 @@ def _print_run_written(run: Path, n_subjects: int) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from dynasyn.generate import check_placeholders, generate_images, load_run, read_run
+    from dynasyn.generate import check_placeholders, generate_images, load_run, read_run, run_scene
 
     info = read_run(args.run)
     for prompt in args.prompts:
         check_placeholders(prompt, info["placeholders"])
     if args.num_images < 1 or args.steps < 1:
         raise InputError("-n and --steps must be >= 1")
+    scene = run_scene(args.run) if args.mean_shift else None
     pipe = load_run(args.run, device=args.device)
     out = Path(args.out) if args.out else Path(args.run) / "generated"
     paths = generate_images(pipe, args.prompts, out, n=args.num_images, seed=args.seed,
                             steps=args.steps, guidance=args.guidance,
-                            negative_prompt=args.negative_prompt, progress=not args.no_progress)
+                            negative_prompt=args.negative_prompt, progress=not args.no_progress,
+                            mean_shift=args.mean_shift, scene=scene)
     grids = [p for p in paths if p.name.endswith("_grid.png")]
     print(f"wrote {len(paths) - len(grids)} images and {len(grids)} grid(s) to {out}")
     return 0

@@ -63,6 +63,9 @@ class TrainConfig:
     class_prompt: str = "a photo at the beach"
     class_data_dir: str | None = None
     single_subject: bool = False
+    # MuDI's Seg-Mix (the mudi preset): the probability that a step's scene item is replaced
+    # by the sampled subjects cut out and re-pasted at random on a white canvas
+    segmix_prob: float = 0.0
     # placeholders: tokens per placeholder (0 = one per word of its init text) and what they
     # start from ("class": the class noun; "phrase": the subject's noun phrase, from scene.json
     # or Step 1, falling back to the class noun where a subject has none)
@@ -120,6 +123,8 @@ class TrainConfig:
             raise InputError("prior preservation needs num_class_images >= 1 and "
                              f"prior_loss_weight >= 0 (got {self.num_class_images}, "
                              f"{self.prior_loss_weight}); or set prior_preservation=false")
+        if not 0 <= self.segmix_prob <= 1:
+            raise InputError(f"segmix_prob must be in [0, 1] (got {self.segmix_prob})")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise InputError("mixed_precision must be one of: no, fp16, bf16")
         return self

@@ -18,7 +18,8 @@ from dynasyn.rundir import EMBEDS, LORA_FILE, RUN_INFO, read_run
 from dynasyn.tokens import placeholders_in
 
 __all__ = ["EMBEDS", "LORA_FILE", "RUN_INFO", "check_placeholders", "draw_caption",
-           "generate_images", "load_run", "make_grid", "read_run", "save_png", "slug"]
+           "generate_images", "load_run", "make_grid", "mean_shifted_latents", "read_run",
+           "run_scene", "save_png", "slug"]
 
 
 def load_run(run: str | Path, model: str | None = None, device: str = "auto",
@@ -91,6 +92,39 @@ def draw_caption(draw: Any, xy: tuple[int, int], text: str, width: int,
         draw.text((xy[0], xy[1] + 11 * k), ln, fill="black")
 
 
+def run_scene(run: str | Path):
+    """The scene a run was trained on (its copy ``RUN/scene``), loaded."""
+    from dynasyn.config import load_config
+    from dynasyn.rundir import find_run_scene
+    from dynasyn.scene import load_scene
+
+    cfg = load_config(Path(run) / "config.yaml")
+    return load_scene(find_run_scene(run, cfg.scene, "restore the run's scene copy RUN/scene"),
+                      classes=cfg.classes or None)
+
+
+@torch.no_grad()
+def mean_shifted_latents(pipe, scene, subjects: Sequence[int], gamma: float,
+                         seed: int) -> torch.Tensor:
+    """MuDI's initial noise: ``ε + γ · E(x_mix)``, the Gaussian noise of ``seed`` with its mean
+    moved toward the latent of a Seg-Mix composition of ``subjects`` (cut out of the scene,
+    pasted at random on white, the composition drawn from ``seed``). Unscaled: the pipeline
+    multiplies it by the scheduler's ``init_noise_sigma``. ``subjects`` empty: plain noise."""
+    from dynasyn.augment.segmix import compose_subjects
+
+    vae = pipe.vae
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    size = pipe.unet.config.sample_size
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.randn((1, pipe.unet.config.in_channels, size, size), generator=g)
+    if not subjects or gamma == 0:
+        return noise
+    image, masks = scene.tensors(size * factor)
+    canvas, _ = compose_subjects(image, masks, list(subjects), seed)
+    dist = vae.encode(canvas[None].to(vae.device, vae.dtype)).latent_dist
+    return noise + gamma * (dist.mean.float().cpu() * vae.config.scaling_factor)
+
+
 def slug(text: str) -> str:
     """File-name form of a prompt."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"
@@ -106,8 +140,14 @@ def generate_images(
     guidance: float = 7.5,
     negative_prompt: str | None = None,
     progress: bool = True,
+    mean_shift: float = 0.0,
+    scene=None,
 ) -> list[Path]:
-    """Render ``n`` images per prompt (seeds seed…seed+n-1), write PNGs and one grid per prompt."""
+    """Render ``n`` images per prompt (seeds seed…seed+n-1), write PNGs and one grid per prompt.
+
+    ``mean_shift`` γ > 0 starts each image from MuDI's mean-shifted noise
+    (:func:`mean_shifted_latents`) of the subjects the prompt names, cut out of ``scene``.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -116,8 +156,12 @@ def generate_images(
         images = []
         for j in range(n):
             g = torch.Generator(device="cpu").manual_seed(seed + j)
+            latents = None
+            if mean_shift:
+                subjects = list(dict.fromkeys(placeholders_in(prompt)))
+                latents = mean_shifted_latents(pipe, scene, subjects, mean_shift, seed + j)
             im = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
-                      negative_prompt=negative_prompt, generator=g).images[0]
+                      negative_prompt=negative_prompt, generator=g, latents=latents).images[0]
             images.append(im)
             p = out / f"{slug(prompt)}_{seed + j}.png"
             save_png(im, p)

@@ -63,6 +63,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         lambda_aug=0.0,
         single_subject=True,
     ),
+    # MuDI (arXiv 2404.04243) on this trainer: the `md` preset (MD + M2A, DynASyn's schedule)
+    # with Seg-Mix, at the official code's default probability 0.6, in place of DynASyn's
+    # augmentation; its mean-shifted initial noise is `dynasyn generate --mean-shift`.
+    "mudi": dict(_PAPER, lambda_ica=0.0, lambda_aug=0.0, segmix_prob=0.6),
     # Ablations (paper Table 3): MD (+M2A), + appearance (ICA), + action (AUG).
     "md": dict(_PAPER, lambda_ica=0.0, lambda_aug=0.0),
     "md+app": dict(_PAPER, lambda_aug=0.0),
@@ -84,6 +88,8 @@ PRESET_HELP = {
                      "400 + 400 steps, AdamW wd 1e-2",
     "dreambooth": "DB (+mask): one subject per step, masked diffusion, UNet + text encoder",
     "textual-inversion": "TI (+mask): one subject per step, masked diffusion, embeddings only",
+    "mudi": "MuDI's Seg-Mix (p 0.6: subjects re-pasted at random on white) + MD + M2A, "
+            "DynASyn's schedule; generate --mean-shift for its initial noise",
     "md": "ablation: MD + M2A with DynASyn's schedule",
     "md+app": "ablation: MD + M2A + ICA",
     "md+act": "ablation: MD + M2A + AUG",

@@ -8,7 +8,9 @@ separate backward pass (gradients accumulate; the two graphs are never alive tog
 With ``prior_preservation`` (the ``break-a-scene`` preset), phase 2 adds Break-a-Scene's prior
 loss: the unmasked diffusion loss on one cached class image per step, weight
 ``prior_loss_weight``, also a separate backward pass (in phase 1 its gradient on the
-placeholder rows is exactly zero, so it is not computed there).
+placeholder rows is exactly zero, so it is not computed there). With ``segmix_prob`` (the
+``mudi`` preset), a scene item is MuDI's Seg-Mix composition instead of the scene, with the
+pasted subjects' masks (:mod:`dynasyn.augment.segmix`).
 
 Determinism: each step's randomness is derived from (seed, step, process), and checkpoints hold
 weights and optimizer state, so a resumed run ends bit-identical to an uninterrupted one on CPU.
@@ -44,6 +46,7 @@ from dynasyn.attention import (
     store_weights_as,
 )
 from dynasyn.augment.data import AugItem, load_augmented
+from dynasyn.augment.segmix import seg_mix
 from dynasyn.class_images import ensure_class_images, load_class_images
 from dynasyn.config import TrainConfig
 from dynasyn.errors import InputError, TrainingError
@@ -166,6 +169,7 @@ class Trainer:
         self.masks_att = {
             f: resize_masks(masks.flip(-1) if f else masks, self.att_size) for f in (False, True)
         }
+        self.masks_full = {f: masks.flip(-1) if f else masks for f in (False, True)}
         self.aug: list[AugItem] = []
         self.aug_latents: list[_Latents] = []
         if self.lambdas["aug"] > 0:
@@ -434,14 +438,19 @@ class Trainer:
         masks = torch.zeros(len(subsets), k, self.att_size, self.att_size)
         valid = torch.zeros(len(subsets), k)
         union = torch.zeros(len(subsets), 1, self.latent_size, self.latent_size)
-        for b, (s, f) in enumerate(zip(subsets, flips, strict=True)):
-            masks[b, : len(s)] = self.masks_att[f][s]
-            valid[b, : len(s)] = 1
-            union[b, 0] = self.masks_lat[f][s].amax(0)
         if self.cfg.efficient:
             lats = [self.scene_latents[f] for f in flips]
         else:  # straightforward: encode the (flipped) image again at every step
             lats = [self._encode(self.scene_images[f]) for f in flips]
+        for b, (s, f) in enumerate(zip(subsets, flips, strict=True)):
+            masks[b, : len(s)] = self.masks_att[f][s]
+            valid[b, : len(s)] = 1
+            union[b, 0] = self.masks_lat[f][s].amax(0)
+            if cfg.segmix_prob > 0 and rng.random() < cfg.segmix_prob:  # MuDI's Seg-Mix
+                image, pasted = seg_mix(self.scene_images[f], self.masks_full[f], s, rng)
+                lats[b] = self._encode(image)
+                masks[b, : len(s)] = resize_masks(pasted, self.att_size)
+                union[b, 0] = resize_masks(pasted, self.latent_size).amax(0)
         z, t, target = self._noisy(lats, gen)
         dev = self.device
         return dict(subsets=subsets, ph=ph, cl=cl, masks=masks.to(dev), valid=valid.to(dev),

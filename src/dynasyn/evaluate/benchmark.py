@@ -95,9 +95,11 @@ METHOD_LABELS: dict[str, str] = {
     "textual-inversion": "TI (+mask)",
     "dreambooth": "DB (+mask)",
     "break-a-scene": "Break-a-Scene",
+    "mudi": "MuDI (Seg-Mix)",
     "dynasyn": "DynASyn",
 }
-"""Table 1's rows (the paper's order): preset -> the paper's method name."""
+"""Table 1's rows (the paper's order): preset -> the paper's method name (MuDI is not in the
+paper's table; its row has no reported values)."""
 
 ABLATION_LABELS: dict[str, str] = {
     "md": "MD",
@@ -691,7 +693,7 @@ def table1_markdown(stats: dict[str, Any], categories: Sequence[str], header: st
     paper_head = ["Method"] + [f"{c.capitalize()} {label}" for c in paper_cats
                                for label, _ in COLUMNS[:3]]
     paper_rows = [[label] + [f"{v:.3f}" for c in paper_cats for v in PAPER_TABLE1[p][c]]
-                  for p, label in METHOD_LABELS.items()]
+                  for p, label in METHOD_LABELS.items() if p in PAPER_TABLE1]
     parts = ["# Table 1: methods × prompt categories", ""]
     if header:
         parts += [header, ""]
