@@ -150,7 +150,12 @@ def _add_augment_args(p: argparse.ArgumentParser, with_model: bool = True) -> No
     p.add_argument("--inpainter", default="diffusion", choices=["diffusion", "cv2", "sd-inpaint"])
     p.add_argument("--strength", type=float, default=0.7, help="GSA noise strength (paper 0.7)")
     p.add_argument("--draft-steps", type=int, default=25)
-    p.add_argument("--gsa-steps", type=int, default=50)
+    p.add_argument("--gsa-steps", type=int, default=50,
+                   help="GSA schedule length; int(steps x strength) steps run (50 -> 35; "
+                   "--gsa-sampler sde --gsa-steps 1000 -> the paper's 700)")
+    p.add_argument("--gsa-sampler", default="ddim", choices=["ddim", "sde"],
+                   help="GSA's reverse process: ddim (deterministic, default) or sde "
+                   "(stochastic DDPM sampling, the paper's SDE); docs/augmentation.md")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--aug-seed", type=int, default=0)
     p.add_argument("--sam-model", help="transformers SamModel directory (--segmenter sam)")
@@ -168,6 +173,7 @@ def _augment_config(args: argparse.Namespace, model: str | None):
         model=model or "micro", num_prompts=args.num_prompts, provider=args.provider,
         describer=args.describer, segmenter=args.segmenter, inpainter=args.inpainter,
         strength=args.strength, draft_steps=args.draft_steps, gsa_steps=args.gsa_steps,
+        gsa_sampler=args.gsa_sampler,
         guidance=args.guidance, seed=args.aug_seed, sam_model=args.sam_model,
         inpaint_model=args.inpaint_model, local_model=args.local_model, local_vlm=args.local_vlm,
     ).validate()

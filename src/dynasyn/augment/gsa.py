@@ -57,17 +57,22 @@ def guided_sde_augmentation(
     strength: float = 0.7,
     steps: int = 50,
     guidance: float = 7.5,
+    sampler: str = "ddim",
 ) -> tuple[Image.Image, np.ndarray]:
     """GSA (the paper's Guided SDE Augmentation, SDEdit): noise to ``strength`` and denoise.
 
-    ``strength`` 0.7 is the paper's 700 of 1000 forward steps; on a 50-step DDIM schedule the
-    last 35 steps run, guided by the phrase prompt. Returns the image and the class-token
-    attention maps (K, h, w) captured while denoising (used to check the final masks).
+    ``strength`` 0.7 is the paper's 700 of 1000 forward steps; the last ``int(steps ×
+    strength)`` steps of a ``steps``-step schedule run, guided by the phrase prompt.
+    ``sampler``: ``ddim`` (deterministic DDIM; 50 → 35 steps) or ``sde`` (the paper's
+    stochastic reverse SDE, discretized as DDPM ancestral sampling: fresh noise at every
+    step; ``steps`` 1000 → the paper's 700). Returns the image and the class-token attention
+    maps (K, h, w) captured while denoising (stored beside each item for inspection).
     """
-    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionImg2ImgPipeline
 
     comps = _components(pipe)
-    comps["scheduler"] = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched = DDPMScheduler if sampler == "sde" else DDIMScheduler
+    comps["scheduler"] = sched.from_config(pipe.scheduler.config)
     i2i = StableDiffusionImg2ImgPipeline(**comps)
     i2i.set_progress_bar_config(disable=True)
     enc = class_token_spans(pipe.tokenizer, template, phrases, classes)

@@ -45,6 +45,7 @@ class AugmentConfig:
     strength: float = 0.7
     draft_steps: int = 25
     gsa_steps: int = 50
+    gsa_sampler: str = "ddim"
     guidance: float = 7.5
     seed: int = 0
     resolution: int | None = None
@@ -57,14 +58,19 @@ class AugmentConfig:
         choices = {"provider": ("template", "micro", "openai", "local"),
                    "describer": ("scene", "openai", "local"),
                    "segmenter": ("attention", "sam"),
-                   "inpainter": ("diffusion", "cv2", "sd-inpaint")}
+                   "inpainter": ("diffusion", "cv2", "sd-inpaint"),
+                   "gsa_sampler": ("ddim", "sde")}
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
-                raise InputError(f"--{k} must be one of {', '.join(allowed)} (got {getattr(self, k)!r})")
+                raise InputError(f"--{k.replace('_', '-')} must be one of {', '.join(allowed)} "
+                                 f"(got {getattr(self, k)!r})")
         if not 0 < self.strength <= 1:
             raise InputError(f"--strength must be in (0, 1] (got {self.strength})")
         if self.num_prompts < 1:
             raise InputError("--num-prompts must be >= 1")
+        if not 1 <= self.gsa_steps <= 1000 or int(self.gsa_steps * self.strength) < 1:
+            raise InputError(f"--gsa-steps must be in 1..1000 with at least one step at "
+                             f"--strength {self.strength} (got {self.gsa_steps})")
         if self.segmenter == "sam" and not self.sam_model:
             raise InputError("--segmenter sam needs --sam-model PATH (a transformers SamModel)")
         if self.inpainter == "sd-inpaint" and not self.inpaint_model:
@@ -85,6 +91,8 @@ def item_key(cfg: AugmentConfig, model_id: str, scene_digest: str, item, phrases
                    classes=[classes[s] for s in item.subjects], version=CACHE_VERSION)
     for k in ("num_prompts", "provider", "describer", "local_model", "local_vlm"):
         payload.pop(k)
+    if payload["gsa_sampler"] == "ddim":  # items cached before the option keep their keys
+        payload.pop("gsa_sampler")
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -161,7 +169,7 @@ def render_item(models: _Models, cfg: AugmentConfig, item, phrases, classes, sce
                                    inpaint_pipe=ip)
     final, gsa_maps = guided_sde_augmentation(pipe, filled, item.template, ph, cl, seed,
                                               strength=cfg.strength, steps=cfg.gsa_steps,
-                                              guidance=cfg.guidance)
+                                              guidance=cfg.guidance, sampler=cfg.gsa_sampler)
     return dict(draft=draft, draft_masks=draft_masks, composed=filled, final=final,
                 masks=res.pasted_masks, draft_maps=maps, gsa_maps=gsa_maps)
 
