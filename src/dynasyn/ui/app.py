@@ -6,17 +6,46 @@ hand-written JavaScript. Element ids (``elem_id``) name the controls the browser
 
 from __future__ import annotations
 
+import functools
+import html
+import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no usage reports
 
 import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402 - a Gradio dependency
 
 from dynasyn.ui.callbacks import MAX_SUBJECTS, Studio  # noqa: E402
 
 CATEGORIES = ("plain", "action", "interaction")
 TITLE = "dynasyn: personalize a diffusion model to the subjects of one photo"
+
+
+def escaped(fn: Callable[..., Any], index: int | None = 0) -> Callable[..., Any]:
+    """``fn`` with its message (the whole result, or item ``index`` of it) made safe for a
+    Markdown component: ``<asset0>`` would otherwise be dropped as an HTML tag."""
+    def esc(text: Any) -> Any:
+        return html.escape(text, quote=False) if isinstance(text, str) else text
+
+    @functools.wraps(fn)
+    def inner(*args: Any) -> Any:
+        out = fn(*args)
+        if index is None:
+            return esc(out)
+        return tuple(esc(v) if i == index else v for i, v in enumerate(out))
+    return inner
+
+
+def loss_frame(rows: list[tuple[int, str, float]]) -> pd.DataFrame:
+    """The loss rows as the line plot's table: the total and each term, on a log10 scale (the
+    terms differ by orders of magnitude; zero terms are left out)."""
+    kept = [(step, term, math.log10(v)) for step, term, v in rows if v > 0]
+    return pd.DataFrame({"step": pd.Series([r[0] for r in kept], dtype="int64"),
+                         "term": pd.Series([r[1] for r in kept], dtype="str"),
+                         "log10 loss": pd.Series([r[2] for r in kept], dtype="float64")})
 
 
 def theme() -> gr.themes.Base:
@@ -71,7 +100,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                 gr.Markdown("Steps 1-4 of the paper: action and interaction prompts, drafts, the "
                             "real subjects pasted in, Guided SDE Augmentation. Optional (L_AUG).")
                 with gr.Row():
-                    num_prompts = gr.Number(label="Items", value=8, precision=0, minimum=1)
+                    num_prompts = gr.Number(label="Items", value=8, precision=0, minimum=1,
+                                            elem_id="augment-items")
                     provider = gr.Dropdown(label="Prompts", choices=["template", "micro"],
                                            value="template")
                     aug_seed = gr.Number(label="Seed", value=0, precision=0)
@@ -82,7 +112,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                     reroll = gr.Button("Re-roll item", elem_id="reroll")
                 aug_msg = gr.Markdown(elem_id="augment-msg")
                 sheets = gr.Gallery(label="Contact sheets: draft → composed → final", columns=2,
-                                    elem_id="sheets", height=360)
+                                    elem_id="sheets", height=360, object_fit="contain")
             # ---------------------------------------------------------------- 3. train
             with gr.Tab("3. Train", id="train"):
                 with gr.Row():
@@ -101,7 +131,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                     resume = gr.Button("Resume", elem_id="resume")
                 train_msg = gr.Markdown(elem_id="train-msg")
                 with gr.Row():
-                    losses = gr.LinePlot(x="step", y="value", color="term", label="Losses",
+                    losses = gr.LinePlot(x="step", y="log10 loss", color="term", label="Losses (log10 of each logged term)",
                                          height=260, elem_id="losses", scale=3)
                     sample = gr.Image(label="Latest sample", type="filepath", interactive=False,
                                       elem_id="sample", height=260, scale=2)
@@ -126,7 +156,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
                 gen_msg = gr.Markdown(elem_id="generate-msg")
                 gallery = gr.Gallery(label="Images (click one, then download)", columns=4,
-                                     elem_id="gallery", height=300)
+                                     elem_id="gallery", height=300, object_fit="contain")
             # ---------------------------------------------------------------- 5. evaluate
             with gr.Tab("5. Evaluate", id="evaluate"):
                 with gr.Row():
@@ -152,13 +182,14 @@ def build_app(studio: Studio) -> gr.Blocks:
             (from_classes, studio.masks_from_classes, [run, photo, classes]),
             (from_brush, studio.save_brushed, [run, photo, editor, classes]),
         ):
-            button.click(fn, inputs, [scene_msg, preview]).then(runs_update, run, run)
+            button.click(escaped(fn), inputs, [scene_msg, preview]).then(runs_update, run, run)
         aug_inputs = [num_prompts, provider, aug_seed]
-        augment.click(studio.augment, [run, *aug_inputs], aug_msg)
-        reroll.click(studio.reroll, [run, reroll_index, *aug_inputs], aug_msg)
-        train.click(studio.train, [run, preset, phase1, phase2, lora, every, seed], train_msg)
-        cancel.click(studio.cancel, run, train_msg)
-        resume.click(studio.resume, run, train_msg)
+        augment.click(escaped(studio.augment, None), [run, *aug_inputs], aug_msg)
+        reroll.click(escaped(studio.reroll, None), [run, reroll_index, *aug_inputs], aug_msg)
+        train.click(escaped(studio.train, None), [run, preset, phase1, phase2, lora, every, seed],
+                    train_msg)
+        cancel.click(escaped(studio.cancel, None), run, train_msg)
+        resume.click(escaped(studio.resume, None), run, train_msg)
 
         def run_changed(name: str | None):
             try:
@@ -176,9 +207,9 @@ def build_app(studio: Studio) -> gr.Blocks:
         run.change(lambda r, c: gr.Dropdown(choices=studio.templates(r, c), value=None),
                    [run, category], template)
         template.change(lambda t, p: t or p, [template, prompt], prompt)
-        generate.click(studio.generate, [run, prompt, n_images, gen_seed, gen_steps, guidance],
+        generate.click(escaped(studio.generate, 1), [run, prompt, n_images, gen_seed, gen_steps, guidance],
                        [gallery, gen_msg])
-        evaluate.click(studio.evaluate, [run, ev_n, ev_steps, ev_limit], ev_msg)
+        evaluate.click(escaped(studio.evaluate, None), [run, ev_n, ev_steps, ev_limit], ev_msg)
 
         # live progress: one poll a second of the files the jobs write
         timer = gr.Timer(1.0)
@@ -189,13 +220,15 @@ def build_app(studio: Studio) -> gr.Blocks:
                 blank = "choose or type a run name above"
                 return (blank, gr.skip(), seen, blank, gr.skip(), gr.skip(), blank, gr.skip(),
                         gr.skip())
-            a_msg, a_sheets = studio.augment_status(name)
-            t_msg, t_losses, t_sample = studio.train_status(name)
-            e_msg, e_table, e_report = studio.evaluate_status(name)
+            a_msg, a_sheets = escaped(studio.augment_status)(name)
+            t_msg, t_losses, t_sample = escaped(studio.train_status)(name)
+            e_msg, e_table, e_report = escaped(studio.evaluate_status)(name)
             key = (name, tuple(a_sheets), *(os.path.getmtime(p) for p, _ in a_sheets
                                            if os.path.exists(p)))
             sheets_out = gr.skip() if key == seen else a_sheets
-            return (a_msg, sheets_out, key, t_msg, t_losses, t_sample, e_msg, e_table, e_report)
+            headers, rows = e_table
+            return (a_msg, sheets_out, key, t_msg, loss_frame(t_losses), t_sample, e_msg,
+                    pd.DataFrame(rows, columns=headers), e_report)
 
         timer.tick(poll, [run, last_sheets], [aug_msg, sheets, last_sheets, train_msg, losses,
                                               sample, ev_msg, table, report],

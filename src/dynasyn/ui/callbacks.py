@@ -3,8 +3,12 @@
 :class:`Studio` holds the runs directory, the job manager and the model; :mod:`.app` binds its
 methods to Gradio events. Each method returns what the page shows (a message, image paths, a
 table) and reports bad input as a message rather than raising, so the page always answers:
-messages start with ``✅`` (done), ``⏳`` (queued / running) or ``⚠️`` (refused or failed, with
+messages start with ``✓`` (done), ``◷`` (queued / running) or ``⚠`` (refused or failed, with
 the one-line reason the command line would print).
+
+The project modules are imported here, once, rather than inside the callbacks: Gradio runs
+callbacks in several threads at once, and two threads importing the same module for the first
+time can see it half-initialized.
 """
 
 from __future__ import annotations
@@ -18,22 +22,37 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
+from dynasyn.augment.data import INDEX
+from dynasyn.augment.pipeline import AugmentConfig
+from dynasyn.classmasks import overlay
+from dynasyn.classmasks.cli import make_scene
+from dynasyn.config import build_config, load_config
 from dynasyn.errors import InputError, TrainingError
+from dynasyn.evaluate.prompts import prompt_sets
+from dynasyn.evaluate.report import METRIC_LABELS, read_losses
+from dynasyn.evaluate.run import METRICS_FILE
+from dynasyn.generate import check_placeholders, generate_images, load_run, save_png
+from dynasyn.micro.examples import EXAMPLES, render_example
+from dynasyn.models import resolve_model
+from dynasyn.rundir import CONFIG, LOSS_LOG, RUN_INFO, read_run, resume_point
+from dynasyn.scene import load_scene
 from dynasyn.ui.jobs import Job, JobManager
 from dynasyn.ui.paths import AUGMENTED, MASKS, UI_DIR, RunsDir
 from dynasyn.ui.uploads import (
+    check_image,
     layer_masks,
     parse_classes,
     parse_phrases,
     scene_from_arrays,
     scene_from_uploads,
 )
-from dynasyn.ui.worker import SAMPLES
+from dynasyn.ui.worker import SAMPLES, one_line
 
 log = logging.getLogger("dynasyn")
 
-OK, BUSY, BAD = "✅", "⏳", "⚠️"
+OK, BUSY, BAD = "✓", "◷", "⚠"
 MAX_SUBJECTS = 4
 """Insert buttons on the Generate tab (``<asset0>`` … ``<asset3>``)."""
 MAX_IMAGES = 16
@@ -42,8 +61,6 @@ MAX_IMAGES = 16
 
 def refusal(e: BaseException) -> str:
     """The page's one-line message for a refused input or a failure."""
-    from dynasyn.ui.worker import one_line
-
     return f"{BAD} {one_line(e)}"
 
 
@@ -52,7 +69,6 @@ class Studio:
 
     def __init__(self, runs_dir: str | Path, model: str = "micro", device: str = "auto",
                  jobs: JobManager | None = None):
-        from dynasyn.models import resolve_model
 
         resolve_model(model)  # a missing model stops `dynasyn ui` before the server starts
         self.runs = RunsDir(runs_dir)
@@ -75,7 +91,6 @@ class Studio:
         return self.runs.path(run) / MASKS
 
     def _refuse_if_trained(self, path: Path) -> None:
-        from dynasyn.rundir import CONFIG
 
         if (path / CONFIG).is_file():
             raise InputError(f"run {path.name} is already trained or training; type a new run "
@@ -86,8 +101,6 @@ class Studio:
     # ------------------------------------------------------------------ 1. scene
     def example(self, name: str) -> tuple[str, list[str], str, str, str]:
         """Render micro-world example ``name``: (photo, masks, classes, phrases, run name)."""
-        from dynasyn.micro.examples import EXAMPLES, render_example
-        from dynasyn.scene import load_scene
 
         if name not in EXAMPLES:
             raise InputError(f"unknown example {name!r}; pick one of {', '.join(EXAMPLES)}")
@@ -101,8 +114,6 @@ class Studio:
         return str(scene.image_path), masks, " ".join(scene.classes), phrases, run
 
     def _scene_answer(self, scene, run: str, how: str) -> tuple[str, str]:
-        from dynasyn.classmasks import overlay
-        from dynasyn.generate import save_png
 
         path = self.runs.path(run)
         masks = [m >= 0.5 for m in scene.masks]
@@ -146,9 +157,6 @@ class Studio:
         """Masks from the class names (:func:`dynasyn.classmasks.cli.make_scene`, the UI's
         model): (message, overlay preview)."""
         try:
-            from dynasyn.classmasks.cli import make_scene
-            from dynasyn.scene import load_scene
-            from dynasyn.ui.uploads import check_image
 
             path = self.runs.path(run)
             self._refuse_if_trained(path)
@@ -169,7 +177,6 @@ class Studio:
 
     # ------------------------------------------------------------------ 2. augment
     def _augment_config(self, num_prompts: int, provider: str, seed: int) -> dict[str, Any]:
-        from dynasyn.augment.pipeline import AugmentConfig
 
         cfg = AugmentConfig(model=self.model, num_prompts=int(num_prompts), provider=provider,
                             seed=int(seed), draft_steps=20, gsa_steps=30, guidance=5.0)
@@ -179,7 +186,6 @@ class Studio:
                 seed: int = 0) -> str:
         """Queue Steps 1-4 for the run's scene into ``RUN/augmented``."""
         try:
-            from dynasyn.scene import load_scene
 
             path = self.runs.path(run)
             self._refuse_if_trained(path)
@@ -195,7 +201,6 @@ class Studio:
                seed: int = 0) -> str:
         """Queue a new rendering of augmented item ``index`` (new seed, same prompt)."""
         try:
-            from dynasyn.augment.data import INDEX
 
             path = self.runs.path(run)
             self._refuse_if_trained(path)
@@ -211,7 +216,6 @@ class Studio:
 
     def augment_status(self, run: str) -> tuple[str, list[tuple[str, str]]]:
         """(message, contact sheets with their prompts) of the run's augmentation."""
-        from dynasyn.augment.data import INDEX
 
         try:
             path = self.runs.path(run)
@@ -237,10 +241,6 @@ class Studio:
               lora_rank: int = 0, sample_every: int = 25, seed: int = 0) -> str:
         """Queue training of the run's scene (its augmented items, when there are some)."""
         try:
-            from dynasyn.augment.data import INDEX
-            from dynasyn.config import build_config
-            from dynasyn.rundir import CONFIG, RUN_INFO
-            from dynasyn.scene import load_scene
 
             path = self.runs.path(run)
             if (path / RUN_INFO).is_file():
@@ -268,8 +268,6 @@ class Studio:
     def resume(self, run: str) -> str:
         """Queue the continuation of a cancelled / killed training from its last checkpoint."""
         try:
-            from dynasyn.config import load_config
-            from dynasyn.rundir import CONFIG, RUN_INFO
 
             path = self.runs.path(run)
             if (path / RUN_INFO).is_file():
@@ -294,7 +292,6 @@ class Studio:
                 return f"{BAD} run {run} has no job to cancel"
             self.jobs.cancel(job)
             self.jobs.wait(job, timeout=15)
-            from dynasyn.rundir import resume_point
 
             extra = ""
             if job.kind == "train" and (path / "config.yaml").is_file():
@@ -308,13 +305,11 @@ class Studio:
 
     def train_status(self, run: str) -> tuple[str, Any, str | None]:
         """(message, loss table for the plot, newest sample image) of the run's training."""
-        from dynasyn.rundir import CONFIG, LOSS_LOG, RUN_INFO
 
         try:
             path = self.runs.path(run)
         except InputError as e:
-            return refusal(e), loss_frame([]), None
-        from dynasyn.evaluate.report import read_losses
+            return refusal(e), loss_rows([]), None
 
         records = read_losses(path / LOSS_LOG)
         samples = sorted((path / UI_DIR / SAMPLES).glob("step*.png"))
@@ -333,7 +328,7 @@ class Studio:
                    "continue from its last checkpoint")
         else:
             msg = "not trained yet: set the steps and press Train"
-        return msg, loss_frame(records), sample
+        return msg, loss_rows(records), sample
 
     # ------------------------------------------------------------------ jobs shown
     def _queued(self, job: Job) -> str:
@@ -366,14 +361,12 @@ class Studio:
 
     def run_placeholders(self, run: str) -> tuple[list[str], list[str]]:
         """(placeholders, class nouns) of a finished run."""
-        from dynasyn.rundir import read_run
 
         info = read_run(self.runs.path(run))
         return list(info["placeholders"]), list(info.get("classes") or [])
 
     def templates(self, run: str, category: str) -> list[str]:
         """Prompts of one category (plain / action / interaction) for the run's subjects."""
-        from dynasyn.evaluate.prompts import prompt_sets
 
         try:
             places, classes = self.run_placeholders(run)
@@ -383,8 +376,6 @@ class Studio:
         return [p.placeholder_prompt() for p in sets[category]]
 
     def _pipe(self, path: Path):
-        from dynasyn.generate import load_run
-        from dynasyn.rundir import RUN_INFO
 
         key = (str(path), (path / RUN_INFO).stat().st_mtime)
         if key not in self._pipes:
@@ -396,7 +387,6 @@ class Studio:
                  guidance: float = 5.0) -> tuple[list[str], str]:
         """Render the prompts (one per line): (image paths for the gallery, message)."""
         try:
-            from dynasyn.generate import check_placeholders, generate_images, read_run
 
             path = self.runs.path(run)
             info = read_run(path)
@@ -422,7 +412,6 @@ class Studio:
     def evaluate(self, run: str, n: int = 2, steps: int = 25, limit: int = 3) -> str:
         """Queue an evaluation (the bundled micro CLIP; metrics.json and report.html)."""
         try:
-            from dynasyn.rundir import read_run
 
             path = self.runs.path(run)
             read_run(path)
@@ -437,22 +426,21 @@ class Studio:
 
     def evaluate_status(self, run: str) -> tuple[str, Any, str | None]:
         """(message, metrics table, report.html path) of the run's evaluation."""
-        from dynasyn.evaluate.run import METRICS_FILE
 
         try:
             path = self.runs.path(run)
         except InputError as e:
-            return refusal(e), metrics_frame({}), None
+            return refusal(e), metrics_rows({}), None
         metrics = path / "eval" / METRICS_FILE
         job = self.jobs.latest(path, ("evaluate",))
         result = json.loads(metrics.read_text()) if metrics.is_file() else {}
         report = path / "eval" / "report.html"
         report_path = str(report) if report.is_file() else None
         if job is not None and job.state in ("queued", "running", "failed", "cancelled"):
-            return self._job_line(job, ""), metrics_frame(result), report_path
+            return self._job_line(job, ""), metrics_rows(result), report_path
         if result:
-            return f"{OK} evaluated: {run}/eval/metrics.json", metrics_frame(result), report_path
-        return "not evaluated yet: press Evaluate", metrics_frame({}), None
+            return f"{OK} evaluated: {run}/eval/metrics.json", metrics_rows(result), report_path
+        return "not evaluated yet: press Evaluate", metrics_rows({}), None
 
 
 def sample_prompt(placeholders: list[str]) -> str:
@@ -461,11 +449,7 @@ def sample_prompt(placeholders: list[str]) -> str:
 
 
 def _total_steps(path: Path) -> int | str:
-    from dynasyn.rundir import CONFIG
-
     try:
-        import yaml
-
         cfg = yaml.safe_load((path / CONFIG).read_text())
         return int(cfg["phase1_steps"]) + int(cfg["phase2_steps"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -475,21 +459,15 @@ def _total_steps(path: Path) -> int | str:
 LOSS_TERMS = ("loss", "md", "m2a", "ica", "aug")
 
 
-def loss_frame(records: list[dict[str, Any]]):
-    """The loss log as a long table (step, term, value) for a line plot."""
-    import pandas as pd
-
-    rows = [(r["step"], t, float(r[t])) for r in records for t in LOSS_TERMS
+def loss_rows(records: list[dict[str, Any]]) -> list[tuple[int, str, float]]:
+    """The loss log as long rows (step, term, value) for a line plot."""
+    return [(int(r["step"]), t, float(r[t])) for r in records for t in LOSS_TERMS
             if isinstance(r.get(t), int | float) and np.isfinite(r[t])]
-    return pd.DataFrame(rows, columns=["step", "term", "value"])
 
 
-def metrics_frame(result: dict[str, Any]):
-    """metrics.json as a table: one row per category and overall, mean ± std per metric."""
-    import pandas as pd
-
-    from dynasyn.evaluate.report import METRIC_LABELS
-
+def metrics_rows(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """metrics.json as a table (headers, rows): one row per category and overall, mean ± std
+    per metric."""
     names = [m for m in METRIC_LABELS if m in result.get("metrics", {})]
     rows = []
     cats = [*result.get("categories", {}).items()]
@@ -500,4 +478,4 @@ def metrics_frame(result: dict[str, Any]):
         cells = [f"{s['mean']:.3f} ± {s['std']:.3f}" if s and s.get("mean") is not None else "–"
                  for s in (stats.get(m) for m in names)]
         rows.append([cat, n, *cells])
-    return pd.DataFrame(rows, columns=["category", "images", *(METRIC_LABELS[m] for m in names)])
+    return ["category", "images", *(METRIC_LABELS[m] for m in names)], rows
