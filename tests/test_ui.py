@@ -174,7 +174,7 @@ def test_train_cancel_resume_generate(studio):
     photo, masks, classes, phrases, _ = studio.example("star_ball")
     msg, preview = studio.save_uploaded("sb", photo, masks, classes, phrases)
     assert msg.startswith(f"{OK} scene saved (uploaded masks): 2 subjects, <asset0> = star")
-    assert Image.open(preview).size == (64, 64)
+    assert Image.open(preview).size == (256, 256)  # the 64 px overlay, enlarged for the page
     assert studio.train("sb", "no-such-preset").startswith(f"{BAD} unknown preset")
     assert studio.train("sb", "dynasyn", 3, 3, 0, 2).startswith("◷ train job #1 queued")
     assert "already has a train job" in studio.train("sb", "dynasyn", 3, 3, 0, 2)
@@ -192,7 +192,8 @@ def test_train_cancel_resume_generate(studio):
     steps = [r["step"] for r in map(json.loads, (run / "logs" / "losses.jsonl").open())]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert {t for _, t, _ in rows} >= {"loss", "md", "m2a", "ica"}
-    assert sample.endswith("step00006.png") and Image.open(sample).size == (64, 64)
+    assert sample.endswith("step00006.png") and Image.open(sample).size == (256, 256)
+    assert Image.open(run / "ui" / "samples" / "step00006.png").size == (64, 64)
     assert studio.train("sb").startswith(f"{BAD} run sb is already trained")
     assert studio.resume("sb") == f"{BAD} run sb is finished; nothing to resume"
     assert "already trained or training" in studio.save_uploaded("sb", photo, masks, classes)[0]

@@ -64,8 +64,8 @@ def server(tmp_path):
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "dynasyn.cli", "ui", "--runs-dir",
-                             str(tmp_path / "runs"), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "dynasyn.cli", "ui", "--runs-dir", "runs",
+                             "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
@@ -149,6 +149,7 @@ def test_browser_flow(server, tmp_path):
         # augmentation: two items, their contact sheets
         page.get_by_role("tab", name="2. Augment").click()
         page.locator("#augment-items input").fill("2")
+        page.locator("#augment-items input").press("Tab")
         page.locator("#augment").click()
         expect(page.locator("#augment-msg")).to_contain_text("2 augmented items",
                                                              timeout=LONG_MS)
@@ -158,7 +159,10 @@ def test_browser_flow(server, tmp_path):
         # training: 2 + 2 steps, a sample and a checkpoint every 2, live loss plot
         page.get_by_role("tab", name="3. Train").click()
         for field, value in (("#phase1", "2"), ("#phase2", "2"), ("#every", "2")):
-            page.locator(f"{field} input").fill(value)
+            box = page.locator(f"{field} input")
+            box.fill(value)
+            box.press("Tab")  # Gradio takes a Number's value when it loses focus
+            expect(box).to_have_value(value)
         page.locator("#train").click()
         expect(page.locator("#train-msg")).to_contain_text("trained: step 4 / 4",
                                                            timeout=LONG_MS)
@@ -169,6 +173,7 @@ def test_browser_flow(server, tmp_path):
         # generation: the gallery fills
         page.get_by_role("tab", name="4. Generate").click()
         page.locator("#gen-steps input[type=number]").fill("10")
+        page.locator("#gen-steps input[type=number]").press("Tab")
         page.locator("#generate").click()
         expect(page.locator("#generate-msg")).to_contain_text("2 images", timeout=LONG_MS)
         expect(page.locator("#gallery img").first).to_be_visible()

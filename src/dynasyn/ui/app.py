@@ -60,7 +60,7 @@ def build_app(studio: Studio) -> gr.Blocks:
     from dynasyn.presets import PRESETS
 
     with gr.Blocks(title="dynasyn") as app:
-        gr.Markdown(f"## {TITLE}\nModel: `{studio.model}` · runs in `{studio.runs.root}`")
+        gr.Markdown(f"## {TITLE}\nModel: `{studio.model}` · runs in `{studio.runs_label}`")
         with gr.Row():
             run = gr.Dropdown(label="Run (a new name, or an existing run to open)",
                               choices=studio.run_names(), value=None, allow_custom_value=True,
@@ -131,8 +131,9 @@ def build_app(studio: Studio) -> gr.Blocks:
                     resume = gr.Button("Resume", elem_id="resume")
                 train_msg = gr.Markdown(elem_id="train-msg")
                 with gr.Row():
-                    losses = gr.LinePlot(x="step", y="log10 loss", color="term", label="Losses (log10 of each logged term)",
-                                         height=260, elem_id="losses", scale=3)
+                    losses = gr.LinePlot(x="step", y="log10 loss", color="term",
+                                         label="Losses (log10 of each logged term)", height=300,
+                                         elem_id="losses", scale=3)
                     sample = gr.Image(label="Latest sample", type="filepath", interactive=False,
                                       elem_id="sample", height=260, scale=2)
             # ---------------------------------------------------------------- 4. generate
@@ -156,7 +157,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
                 gen_msg = gr.Markdown(elem_id="generate-msg")
                 gallery = gr.Gallery(label="Images (click one, then download)", columns=4,
-                                     elem_id="gallery", height=300, object_fit="contain")
+                                     elem_id="gallery", height="auto", object_fit="contain")
             # ---------------------------------------------------------------- 5. evaluate
             with gr.Tab("5. Evaluate", id="evaluate"):
                 with gr.Row():
@@ -223,11 +224,18 @@ def build_app(studio: Studio) -> gr.Blocks:
             a_msg, a_sheets = escaped(studio.augment_status)(name)
             t_msg, t_losses, t_sample = escaped(studio.train_status)(name)
             e_msg, e_table, e_report = escaped(studio.evaluate_status)(name)
-            key = (name, tuple(a_sheets), *(os.path.getmtime(p) for p, _ in a_sheets
-                                           if os.path.exists(p)))
-            sheets_out = gr.skip() if key == seen else a_sheets
+            # send the gallery and the plot only when they change (no redraw every second);
+            # an empty plot is sent as None: Vega keeps the axes of an empty first table
+            seen = dict(seen or {})
+            sheets_key = (name, tuple(a_sheets), *(os.path.getmtime(p) for p, _ in a_sheets
+                                                  if os.path.exists(p)))
+            sheets_out = gr.skip() if seen.get("sheets") == sheets_key else a_sheets
+            loss_key = (name, len(t_losses), t_losses[-1] if t_losses else None)
+            losses_out = (gr.skip() if seen.get("losses") == loss_key
+                          else loss_frame(t_losses) if t_losses else None)
+            seen.update(sheets=sheets_key, losses=loss_key)
             headers, rows = e_table
-            return (a_msg, sheets_out, key, t_msg, loss_frame(t_losses), t_sample, e_msg,
+            return (a_msg, sheets_out, seen, t_msg, losses_out, t_sample, e_msg,
                     pd.DataFrame(rows, columns=headers), e_report)
 
         timer.tick(poll, [run, last_sheets], [aug_msg, sheets, last_sheets, train_msg, losses,

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from PIL import Image
 
 from dynasyn.augment.data import INDEX
 from dynasyn.augment.pipeline import AugmentConfig
@@ -72,6 +73,7 @@ class Studio:
 
         resolve_model(model)  # a missing model stops `dynasyn ui` before the server starts
         self.runs = RunsDir(runs_dir)
+        self.runs_label = str(runs_dir)  # as given (the page shows it)
         self.runs.root.mkdir(parents=True, exist_ok=True)
         self.model = model
         self.device = device
@@ -119,7 +121,7 @@ class Studio:
         masks = [m >= 0.5 for m in scene.masks]
         preview = path / UI_DIR / "overlay.png"
         preview.parent.mkdir(parents=True, exist_ok=True)
-        save_png(overlay(scene.image, masks), preview)
+        save_png(enlarged(overlay(scene.image, masks)), preview)
         shutil.rmtree(path / AUGMENTED, ignore_errors=True)  # made for another scene
         subjects = ", ".join(f"{s.placeholder} = {s.class_noun}" for s in scene.subjects)
         return (f"{OK} scene saved ({how}): {len(scene)} subjects, {subjects}; "
@@ -313,7 +315,7 @@ class Studio:
 
         records = read_losses(path / LOSS_LOG)
         samples = sorted((path / UI_DIR / SAMPLES).glob("step*.png"))
-        sample = str(samples[-1]) if samples else None
+        sample = str(preview_of(samples[-1], path / UI_DIR / "preview")) if samples else None
         total = _total_steps(path)
         last = records[-1] if records else None
         where = (f"step {last['step']} / {total} (phase {last['phase']}), loss "
@@ -441,6 +443,30 @@ class Studio:
         if result:
             return f"{OK} evaluated: {run}/eval/metrics.json", metrics_rows(result), report_path
         return "not evaluated yet: press Evaluate", metrics_rows({}), None
+
+
+PREVIEW_SIDE = 256
+"""Small images (the micro model's 64 px) are shown enlarged to at least this side."""
+
+
+def enlarged(image: Image.Image, side: int = PREVIEW_SIDE) -> Image.Image:
+    """``image`` scaled up by a whole factor (nearest neighbour) to at least ``side`` pixels on
+    its short side; larger images are returned as they are."""
+    k = -(-side // min(image.size))
+    return image if k <= 1 else image.resize((image.width * k, image.height * k),
+                                             Image.Resampling.NEAREST)
+
+
+def preview_of(path: Path, folder: Path) -> Path:
+    """An enlarged copy of the image ``path`` in ``folder`` (made once), or ``path`` itself."""
+    with Image.open(path) as im:
+        if min(im.size) >= PREVIEW_SIDE:
+            return path
+        out = folder / path.name
+        if not out.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            save_png(enlarged(im.convert("RGB")), out)
+    return out
 
 
 def sample_prompt(placeholders: list[str]) -> str:
