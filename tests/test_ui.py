@@ -226,6 +226,38 @@ def test_a_failing_job_reports_one_line_and_the_queue_goes_on(tmp_path):
         jobs.shutdown()
 
 
+def test_a_job_process_ends_with_its_server():
+    """A killed server leaves no orphan job writing into a run that a new server may resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    job = ("from dynasyn.ui.worker import exit_with_parent; import time; "
+           "exit_with_parent(0.1); time.sleep(60)")
+    server = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time; p = subprocess.Popen([sys.executable, "
+         f"'-c', {job!r}], start_new_session=True); print(p.pid, flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    pid = int(server.stdout.readline())
+    time.sleep(1.0)
+    os.kill(pid, 0)  # the job runs
+    server.send_signal(signal.SIGKILL)
+    server.wait()
+    end = time.time() + 10
+    while time.time() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        stat = Path(f"/proc/{pid}/stat")
+        if stat.is_file() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z":
+            return  # ended, not yet reaped by its new parent
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError("the job process outlived its server")
+
+
 def test_tables_for_the_page():
     recs = [{"step": 1, "phase": 1, "loss": 0.5, "md": 0.4, "m2a": float("nan"), "aug": 0.0}]
     assert loss_rows(recs) == [(1, "loss", 0.5), (1, "md", 0.4), (1, "aug", 0.0)]

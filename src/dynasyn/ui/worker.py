@@ -154,7 +154,25 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+def exit_with_parent(interval: float = 1.0) -> None:
+    """End this process when the server that started it is gone (killed, even with SIGKILL),
+    so that no orphan job goes on writing into a run that a new server may resume."""
+    import os
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(3)  # writes are atomic: the run keeps its last checkpoint
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
+    exit_with_parent()
     spec_path = Path((argv if argv is not None else sys.argv[1:])[0])
     spec = json.loads(spec_path.read_text())
     result = Path(spec["result"])
