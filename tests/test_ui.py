@@ -168,6 +168,21 @@ def test_refusals_are_messages(studio, tmp_path):
     assert studio.train_status("r1")[0] == "not trained yet: set the steps and press Train"
 
 
+def test_masks_from_class_names(studio):
+    photo = str(EXAMPLE / "img.png")
+    msg, preview = studio.masks_from_classes("m", photo, "star ball")
+    assert msg.startswith(f"{OK} scene saved (from the class names): 2 subjects"), msg
+    scene = load_scene(studio.runs.path("m") / "masks")
+    truth = [np.asarray(Image.open(EXAMPLE / f"mask{i}.png").convert("L")) >= 128 for i in (0, 1)]
+    for mask, want in zip(scene.masks, truth, strict=True):  # each mask finds its subject
+        got = mask >= 0.5
+        assert (got & want).sum() / (got | want).sum() > 0.5
+    msg, preview = studio.masks_from_classes("m2", photo, "star star")
+    assert msg == (f"{BAD} classes star star name a class twice; masks from class names need "
+                   "distinct nouns (e.g. 'red ball' and 'blue ball' are not supported)")
+    assert preview is None and not studio.runs.path("m2").exists()
+
+
 def test_train_cancel_resume_generate(studio):
     """The UI's training goes through dynasyn.train (a sample per checkpoint); a cancelled job
     resumes from its checkpoint and finishes with the log of every step once."""

@@ -2,7 +2,7 @@
 
 Starts the server on a free port, uploads the star_ball example with its masks, sets the
 classes, augments two items, trains 2 + 2 steps, generates and checks that gallery images
-appear; a mask of the wrong size shows its message inline. Skipped (with the reason) without
+appear; a mask of the wrong size shows its message inline; a brush stroke becomes a mask. Skipped (with the reason) without
 gradio, playwright or a chromium binary. Screenshots of the flow go to the test's temporary
 folder, or to ``$DYNASYN_UI_SCREENSHOTS`` when set (docs/ui/ holds the ones the docs show:
 ``DYNASYN_UI_SCREENSHOTS=docs/ui pytest tests/test_ui_browser.py``).
@@ -179,4 +179,27 @@ def test_browser_flow(server, tmp_path):
         expect(page.locator("#gallery img").first).to_be_visible()
         assert len(list((runs / run / "generated").glob("*_0.png"))) == 1
         _shot(page, shots, "ui_generate")
+
+        # masks painted with the brush: the photo is already in the editor
+        page.get_by_role("tab", name="1. Scene").click()
+        page.locator("#run input").fill("brushed")
+        page.locator("#run input").press("Enter")
+        page.get_by_text("Paint the masks").click()
+        expect(page.locator("#editor canvas").first).to_be_visible()
+        page.wait_for_timeout(1500)  # the editor lays the photo out
+        page.locator('#editor button[aria-label="Brush"]').click()
+        page.wait_for_timeout(500)
+        page.locator("#editor canvas").first.scroll_into_view_if_needed()
+        box = page.locator("#editor canvas").first.bounding_box()  # (viewport coordinates)
+        x, y = box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.75
+        page.mouse.move(x, y)
+        page.mouse.down()
+        page.mouse.move(x + 20, y + 5, steps=10)
+        page.mouse.up()
+        page.wait_for_timeout(1000)  # the layer reaches the component's value
+        page.locator("#classes textarea").fill("star")
+        page.locator("#save-brush").click()
+        expect(msg).to_contain_text("scene saved (brush layers): 1 subjects")
+        painted = np.asarray(Image.open(runs / "brushed" / "masks" / "mask0.png")) >= 128
+        assert 0 < painted.sum() < painted.size and not painted[:8].any()  # a stroke, low down
         browser.close()
