@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import signal
 
 from dynasyn.errors import InputError
 
@@ -47,6 +48,8 @@ def launch(args: argparse.Namespace, block: bool = True):
     from dynasyn.ui.uploads import MAX_UPLOAD_MB
 
     studio = Studio(args.runs_dir, model=args.model, device=args.device)
+    if block:  # `kill` stops the server like Ctrl-C: jobs cancelled, temporary files removed
+        signal.signal(signal.SIGTERM, _interrupt)
     app = build_app(studio)
     app.queue(default_concurrency_limit=1)
     print(f"dynasyn ui: runs in {studio.runs.root}, model {args.model}", flush=True)
@@ -63,6 +66,10 @@ def launch(args: argparse.Namespace, block: bool = True):
     if block:
         studio.close()
     return app
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> int:
