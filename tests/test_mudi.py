@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dynasyn.augment.segmix import SCALE_RANGE, seg_mix
+from dynasyn.segmix import SCALE_RANGE, seg_mix
 from dynasyn.cli import build_parser, main
 from dynasyn.config import build_config
 from dynasyn.generate import generate_images, mean_shifted_latents
@@ -121,7 +121,7 @@ def test_mean_shifted_noise_moves_the_mean_toward_the_composition(tiny_model, sc
     g = torch.Generator().manual_seed(5)
     assert torch.equal(plain, torch.randn(plain.shape, generator=g))  # γ 0: the usual noise
     shifted = mean_shifted_latents(pipe, scene, [0, 1], 2.0, seed=5)
-    from dynasyn.augment.segmix import compose_subjects
+    from dynasyn.segmix import compose_subjects
 
     image, masks = scene.tensors(64)
     canvas, _ = compose_subjects(image, masks, [0, 1], 5)

@@ -110,7 +110,7 @@ def mean_shifted_latents(pipe, scene, subjects: Sequence[int], gamma: float,
     moved toward the latent of a Seg-Mix composition of ``subjects`` (cut out of the scene,
     pasted at random on white, the composition drawn from ``seed``). Unscaled: the pipeline
     multiplies it by the scheduler's ``init_noise_sigma``. ``subjects`` empty: plain noise."""
-    from dynasyn.augment.segmix import compose_subjects
+    from dynasyn.segmix import compose_subjects
 
     vae = pipe.vae
     factor = 2 ** (len(vae.config.block_out_channels) - 1)

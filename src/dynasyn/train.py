@@ -10,7 +10,7 @@ loss: the unmasked diffusion loss on one cached class image per step, weight
 ``prior_loss_weight``, also a separate backward pass (in phase 1 its gradient on the
 placeholder rows is exactly zero, so it is not computed there). With ``segmix_prob`` (the
 ``mudi`` preset), a scene item is MuDI's Seg-Mix composition instead of the scene, with the
-pasted subjects' masks (:mod:`dynasyn.augment.segmix`).
+pasted subjects' masks (:mod:`dynasyn.segmix`).
 
 Determinism: each step's randomness is derived from (seed, step, process), and checkpoints hold
 weights and optimizer state, so a resumed run ends bit-identical to an uninterrupted one on CPU.
@@ -46,7 +46,7 @@ from dynasyn.attention import (
     store_weights_as,
 )
 from dynasyn.augment.data import AugItem, load_augmented
-from dynasyn.augment.segmix import seg_mix
+from dynasyn.segmix import seg_mix
 from dynasyn.class_images import ensure_class_images, load_class_images
 from dynasyn.config import TrainConfig
 from dynasyn.errors import InputError, TrainingError
