@@ -156,6 +156,9 @@ def _add_augment_args(p: argparse.ArgumentParser, with_model: bool = True) -> No
     p.add_argument("--gsa-sampler", default="ddim", choices=["ddim", "sde"],
                    help="GSA's reverse process: ddim (deterministic, default) or sde "
                    "(stochastic DDPM sampling, the paper's SDE); docs/augmentation.md")
+    p.add_argument("--final-masks", default="pasted", choices=["pasted", "resegment"],
+                   help="L_AUG masks: the pasted subjects' (default) or each subject segmented "
+                   "again in the image after GSA (attention, or SAM with --segmenter sam)")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--aug-seed", type=int, default=0)
     p.add_argument("--sam-model", help="transformers SamModel directory (--segmenter sam)")
@@ -173,7 +176,7 @@ def _augment_config(args: argparse.Namespace, model: str | None):
         model=model or "micro", num_prompts=args.num_prompts, provider=args.provider,
         describer=args.describer, segmenter=args.segmenter, inpainter=args.inpainter,
         strength=args.strength, draft_steps=args.draft_steps, gsa_steps=args.gsa_steps,
-        gsa_sampler=args.gsa_sampler,
+        gsa_sampler=args.gsa_sampler, final_masks=args.final_masks,
         guidance=args.guidance, seed=args.aug_seed, sam_model=args.sam_model,
         inpaint_model=args.inpaint_model, local_model=args.local_model, local_vlm=args.local_vlm,
     ).validate()

@@ -7,8 +7,10 @@ Items are cached under ``AUG/cache/<key>/`` by a hash of everything that determi
 (model, scene pixels and masks, template, subjects, phrases, seed and settings); a rerun only
 renders missing items, and an unchanged rerun loads no model at all. Under
 ``accelerate launch`` each process renders every N-th item and the main process merges the
-index once. The final masks are the pasted subjects' visible pixels: GSA at strength 0.7 keeps
-the layout (its class-token maps are stored beside each item for inspection).
+index once. The final masks are the pasted subjects' visible pixels (``final_masks="pasted"``,
+GSA's class-token maps stored beside each item for inspection), or each subject segmented again
+in the image after GSA (``final_masks="resegment"``, :mod:`dynasyn.augment.resegment`; the
+pasted mask kept where that segmentation is degenerate, said in the item's record).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class AugmentConfig:
     draft_steps: int = 25
     gsa_steps: int = 50
     gsa_sampler: str = "ddim"
+    final_masks: str = "pasted"
     guidance: float = 7.5
     seed: int = 0
     resolution: int | None = None
@@ -59,7 +62,8 @@ class AugmentConfig:
                    "describer": ("scene", "openai", "local"),
                    "segmenter": ("attention", "sam"),
                    "inpainter": ("diffusion", "cv2", "sd-inpaint"),
-                   "gsa_sampler": ("ddim", "sde")}
+                   "gsa_sampler": ("ddim", "sde"),
+                   "final_masks": ("pasted", "resegment")}
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
                 raise InputError(f"--{k.replace('_', '-')} must be one of {', '.join(allowed)} "
@@ -93,6 +97,8 @@ def item_key(cfg: AugmentConfig, model_id: str, scene_digest: str, item, phrases
         payload.pop(k)
     if payload["gsa_sampler"] == "ddim":  # items cached before the option keep their keys
         payload.pop("gsa_sampler")
+    if payload["final_masks"] == "pasted":  # likewise for the final masks
+        payload.pop("final_masks")
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -170,8 +176,27 @@ def render_item(models: _Models, cfg: AugmentConfig, item, phrases, classes, sce
     final, gsa_maps = guided_sde_augmentation(pipe, filled, item.template, ph, cl, seed,
                                               strength=cfg.strength, steps=cfg.gsa_steps,
                                               guidance=cfg.guidance, sampler=cfg.gsa_sampler)
-    return dict(draft=draft, draft_masks=draft_masks, composed=filled, final=final,
-                masks=res.pasted_masks, draft_maps=maps, gsa_maps=gsa_maps)
+    out = dict(draft=draft, draft_masks=draft_masks, composed=filled, final=final,
+               pasted_masks=res.pasted_masks, masks=res.pasted_masks, draft_maps=maps,
+               gsa_maps=gsa_maps, mask_sources=None)
+    if cfg.final_masks == "resegment":
+        from dynasyn.augment.resegment import final_image_maps, resegment_masks
+
+        final_maps = final_image_maps(pipe, final, item.template, ph, cl, seed)
+        sam = models.sam if cfg.segmenter == "sam" else None
+        out["masks"], out["mask_sources"] = resegment_masks(final, final_maps, res.pasted_masks,
+                                                            sam=sam)
+        out["final_maps"] = final_maps
+    return out
+
+
+def mask_record(final_masks: str, subjects, sources: list[dict] | None) -> dict:
+    """What an item's record says about its masks: ``final_masks`` and, when re-segmented,
+    ``mask_sources`` (per subject index: resegmented or pasted, and why)."""
+    if final_masks == "pasted":
+        return {"final_masks": "pasted"}
+    return {"final_masks": final_masks,
+            "mask_sources": {str(s): src for s, src in zip(subjects, sources or [], strict=True)}}
 
 
 def _write_cache(entry: Path, out: dict, record: dict) -> None:
@@ -188,8 +213,10 @@ def _write_cache(entry: Path, out: dict, record: dict) -> None:
         Image.fromarray(m.astype(np.uint8) * 255, "L").save(tmp / f"mask{s}.png")
     np.save(tmp / "draft_maps.npy", out["draft_maps"])
     np.save(tmp / "gsa_maps.npy", out["gsa_maps"])
+    if "final_maps" in out:
+        np.save(tmp / "final_maps.npy", out["final_maps"])
     contact_sheet([("draft", out["draft"], out["draft_masks"]),
-                   ("composed", out["composed"], out["masks"]),
+                   ("composed", out["composed"], out.get("pasted_masks", out["masks"])),
                    ("final", out["final"], out["masks"])]).save(tmp / "sheet.png")
     (tmp / "record.json").write_text(json.dumps(record))
     if entry.exists():
@@ -257,7 +284,8 @@ def augment(scene_dir: str | Path, out: str | Path, cfg: AugmentConfig, client=N
         item = items[j]
         seed = int(keys[j][:8], 16) % (2**31)
         result = render_item(models, cfg, item, phrases, classes, scene_img, scene_masks, seed)
-        record = dict(item.record(classes, phrases), seed=seed, key=keys[j])
+        record = dict(item.record(classes, phrases), seed=seed, key=keys[j],
+                      **mask_record(cfg.final_masks, item.subjects, result["mask_sources"]))
         _write_cache(out / "cache" / keys[j], result, record)
     state.wait_for_everyone()
     if state.is_main_process:
