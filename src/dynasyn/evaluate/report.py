@@ -366,6 +366,36 @@ def _exact_html(result: dict[str, Any]) -> str:
             f"<ul style='font-size:13px'>{legend}</ul>")
 
 
+def _detect_compare_rows(result: dict[str, Any]) -> list[list[str]]:
+    """[category, embedding, subjects, score mean ± std, mixing rate [CI]] rows."""
+    block = result.get("detect_compare")
+    if not block:
+        return []
+    rows = []
+    for cat, per in [*block.get("categories", {}).items(), ("overall", block.get("overall", {}))]:
+        for emb, st in per.items():
+            sc = st.get("score") or {}
+            score = (f"{sc['mean']:+.3f} ± {sc['std']:.3f}" if sc.get("mean") is not None
+                     else "–")
+            rows.append([cat, emb.upper(), str(st["mixing"]["n"]), score,
+                         format_rate(st["mixing"])])
+    return rows
+
+
+def _detect_compare_html(result: dict[str, Any]) -> str:
+    rows = _detect_compare_rows(result)
+    if not rows:
+        return ""
+    body = "".join("<tr><th>" + _e(r[0]) + "</th>"
+                   + "".join(f"<td class='num'>{_e(c)}</td>" for c in r[1:]) + "</tr>"
+                   for r in rows)
+    return ("<h2>Identity mixing, approximate (Detect-and-Compare)</h2>"
+            f"<p style='font-size:13px'>{_e(result['detect_compare'].get('definition', ''))}. "
+            "Approximate: see docs/evaluation.md.</p>"
+            "<table><tr><th>category</th><th>embedding</th><th>subjects</th>"
+            "<th>own − other</th><th>mixing [95 % CI]</th></tr>" + body + "</table>")
+
+
 def _exact_cell(p: dict[str, Any]) -> str:
     summary = (p.get("exact") or {}).get("summary")
     if not summary:
@@ -435,6 +465,7 @@ def write_report(
 
     parts.append("<h2>Metrics</h2>" + _metrics_table(result))
     parts.append(_exact_html(result))
+    parts.append(_detect_compare_html(result))
 
     # scene
     scene_png = assets / "scene.png"
@@ -537,4 +568,10 @@ def summary_table(result: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
              for r in [head, *rows]]
     exact = exact_table(result)
+    dc = _detect_compare_rows(result)
+    if dc:
+        head = ["detect-and-compare", "embedding", "subjects", "own - other", "mixing"]
+        widths = [max(len(r[i]) for r in [head, *dc]) for i in range(len(head))]
+        lines += [""] + ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                         for r in [head, *dc]] + ["(approximate identity mixing, docs/evaluation.md)"]
     return "\n".join(lines) + (f"\n\n{exact}" if exact else "")

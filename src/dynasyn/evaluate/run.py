@@ -13,7 +13,11 @@ is scored (:mod:`dynasyn.evaluate.metrics`):
 - ``identity_region``: CLIP-I between each prompted subject's reference crop and the generated
   image cropped the same way to that subject's attention region (segmented like the
   augmentation's pseudo masks: Otsu threshold, overlaps resolved, largest component), averaged;
-- ``image_reward`` / ``dino_i`` / ``dino_i_subject`` when available.
+- ``image_reward`` / ``dino_i`` / ``dino_i_subject`` when available;
+- ``detect_compare`` (two or more subjects; approximate, :mod:`dynasyn.evaluate.detect_compare`):
+  each prompted subject's region crop against every reference subject crop, own similarity
+  minus the best other one, and the share of subjects another reference is closer to
+  (identity mixing on photos, MuDI's Detect-and-Compare), with CLIP and, when given, DINO.
 
 For a micro-world scene (every class one of the micro world's) every image is also read by the
 micro parser and scored exactly (:mod:`dynasyn.evaluate.exact`: ``identity_kept``,
@@ -46,6 +50,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dynasyn.errors import InputError
+from dynasyn.evaluate.detect_compare import detect_compare, detect_compare_block
 from dynasyn.evaluate.exact import (
     ceiling_images,
     exact_block,
@@ -370,6 +375,10 @@ def evaluate(
         metric_names.append("image_reward")
     if dino is not None:
         metric_names += ["dino_i", "dino_i_subject"]
+    dc_embeddings = ["clip", "dino"] if dino is not None else ["clip"]
+    dc_on = len(placeholders) >= 2
+    if not dc_on:
+        notes.append("Detect-and-Compare skipped: it needs two or more subjects")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -400,6 +409,7 @@ def evaluate(
                 prompt_fallbacks = 0
                 meaning = prompt_meaning(class_text) if refs is not None else None
                 exact_images: list[dict[str, Any]] = []
+                dc: dict[str, list[list[dict[str, Any]]]] = {e: [] for e in dc_embeddings}
                 for j in range(n):
                     g = torch.Generator(device="cpu").manual_seed(seed + j)
 
@@ -435,6 +445,14 @@ def evaluate(
                     scores["identity_region"].append(
                         float(np.mean([_dot(e[1 + slot], ref_e[1 + s])
                                        for slot, s in enumerate(p.subjects)])))
+                    if dc_on:
+                        used = [r is not None for r in regions]
+                        found = {"clip": (e[1:], ref_e[1:])}
+                        if dino is not None and dino_ref is not None:
+                            found["dino"] = (dino.image_embeds(crops), dino_ref[1:])
+                        for emb, (crop_e, refs_e) in found.items():
+                            dc[emb].append([dict(x, region=u) for x, u in zip(
+                                detect_compare(crop_e, refs_e, p.subjects), used, strict=True)])
                     if dino is not None and dino_ref is not None:
                         d = dino.image_embeds([img])[0]
                         scores["dino_i"].append(_dot(d, dino_ref[0]))
@@ -469,6 +487,7 @@ def evaluate(
                     "summary": {m: mean_std(vals) for m, vals in scores.items()},
                     **({"exact": {"images": exact_images, "summary": prompt_rates(exact_images)}}
                        if refs is not None else {}),
+                    **({"detect_compare": dc} if dc_on else {}),
                 })
         bar.close()
         seconds = round(time.time() - t0, 1)
@@ -516,6 +535,7 @@ def evaluate(
             },
             "overall": {m: mean_std(v for r in records for v in r["scores"][m])
                         for m in metric_names},
+            **({"detect_compare": detect_compare_block(records, dc_embeddings)} if dc_on else {}),
             **({"exact": exact} if exact is not None else {}),
             **({"exact_ceiling": exact_ceiling} if exact_ceiling is not None else {}),
             "seconds": seconds,
