@@ -185,6 +185,25 @@ def install_attention_capture(
     return store
 
 
+def keep_capture_layers_unchecked(unet: torch.nn.Module) -> list[str]:
+    """Turn gradient checkpointing off for the transformer models that hold capture layers.
+
+    A checkpointed block is run again in the backward pass, where the store is no longer
+    capturing: the capture processor would take its fused path and compute other tensors than
+    in the forward pass (torch refuses that), or record its maps twice. So the capture blocks
+    (at the regularization resolution only, a small share of the activations) keep their
+    activations and every other block stays checkpointed. Returns the blocks left unchecked.
+    """
+    unchecked = []
+    for name in get_store(unet).layer_names:
+        parent = name.split(".transformer_blocks.")[0]
+        block = unet.get_submodule(parent)
+        if getattr(block, "gradient_checkpointing", False):
+            block.gradient_checkpointing = False
+            unchecked.append(parent)
+    return unchecked
+
+
 def get_store(unet: torch.nn.Module) -> AttentionStore:
     """The store installed on ``unet`` (unwrapping peft / DDP wrappers)."""
     for m in (unet, getattr(unet, "module", None), getattr(unet, "base_model", None)):

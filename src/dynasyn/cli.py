@@ -116,12 +116,12 @@ def scene_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"classes": list(args.classes) if args.classes else None}
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
+def _add_train_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     add_scene_args(p, scene="optional")
     p.add_argument("--model", help="diffusers SD pipeline: local dir, hub id, or 'micro' (default)")
     p.add_argument("--preset", help="training preset (default: dynasyn)")
-    p.add_argument("--out", required=True, help="run directory to write (self-contained: it "
-                   "keeps a copy of the scene in RUN/scene)")
+    p.add_argument("--out", required=out_required, help="run directory to write (self-contained: "
+                   "it keeps a copy of the scene in RUN/scene)")
     p.add_argument("--config", help="YAML config file (values override the preset)")
     p.add_argument("--augmented", help="augmented directory for L_AUG (from `dynasyn augment`)")
     p.add_argument("--phase1-steps", type=int)
@@ -201,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("train", help="personalize a model to a scene", epilog=TRAIN_EXAMPLES,
                        formatter_class=fmt)
-    _add_train_args(p)
+    _add_train_args(p, out_required=False)
+    p.add_argument("--estimate-memory", action="store_true", help="print the run's expected peak "
+                   "GPU memory per phase and exit (trains and writes nothing; docs/low-vram.md)")
     a = sub.add_parser("augment", help="prompt-and-image augmentation (paper Steps 1-4)",
                        epilog=AUGMENT_EXAMPLES, formatter_class=fmt)
     add_scene_args(a)
@@ -317,6 +319,12 @@ def cmd_train(args: argparse.Namespace, allow_existing: bool = False) -> int:
     from dynasyn.config import build_config, load_config, parse_set
     from dynasyn.train import train
 
+    if getattr(args, "estimate_memory", False):
+        from dynasyn.memory import cmd_estimate_memory
+
+        return cmd_estimate_memory(args)
+    if not args.out:
+        raise InputError("--out is required: the run directory to write")
     out = Path(args.out)
     if args.resume:
         if not (out / "config.yaml").is_file():

@@ -78,6 +78,12 @@ class TrainConfig:
     lora_lr: float = 1e-4
     train_text_encoder: bool = True
     gradient_checkpointing: bool = False
+    # the low-VRAM recipe (dynasyn.lowvram, docs/low-vram.md): a profile that sets lora_rank,
+    # gradient_checkpointing, use_8bit_adam, mixed_precision (on CUDA), prior_dtype and
+    # efficient where they are not given explicitly; config.yaml records what it resolved to
+    low_vram: bool = False
+    # bitsandbytes' 8-bit Adam/AdamW (the lowvram extra, CUDA); without it: a warning, plain Adam
+    use_8bit_adam: bool = False
     # step cost: early-stopped attention-only passes, cached VAE latents and class-prompt
     # embeddings, separate backward for L_AUG. False = the straightforward implementation
     # (every pass full, everything recomputed, one backward); same losses and gradients.
@@ -187,9 +193,12 @@ def build_config(
     preset: str = "dynasyn",
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    assume_cuda: bool | None = None,
 ) -> TrainConfig:
     """Preset defaults, then the micro recipe (on the bundled micro model only), then a YAML
-    file's values, then explicit overrides (None = unset)."""
+    file's values, then explicit overrides (None = unset). With ``low_vram``, its profile
+    fills the keys neither the file nor the overrides give (:mod:`dynasyn.lowvram`;
+    ``assume_cuda``: resolve it as for a CUDA device, or not, instead of looking)."""
     values: dict[str, Any] = {}
     file_values: dict[str, Any] = {}
     if config_file is not None:
@@ -217,6 +226,9 @@ def build_config(
     values.update(file_values)
     values.update(overrides)
     values["preset"] = preset
+    from dynasyn.lowvram import apply_low_vram
+
+    values = apply_low_vram(values, set(file_values) | set(overrides), assume_cuda)
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
         raise InputError(

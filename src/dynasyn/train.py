@@ -42,11 +42,11 @@ from dynasyn.attention import (
     capturing,
     get_store,
     install_attention_capture,
+    keep_capture_layers_unchecked,
     resolve_downsample,
     store_weights_as,
 )
 from dynasyn.augment.data import AugItem, load_augmented
-from dynasyn.segmix import seg_mix
 from dynasyn.class_images import ensure_class_images, load_class_images
 from dynasyn.config import TrainConfig
 from dynasyn.errors import InputError, TrainingError
@@ -59,6 +59,7 @@ from dynasyn.losses import (
     resize_masks,
     total_loss,
 )
+from dynasyn.lowvram import optimizer_class
 from dynasyn.models import load_pipeline, resolve_model
 from dynasyn.rundir import (
     EMBEDS,
@@ -77,6 +78,7 @@ from dynasyn.rundir import (
 )
 from dynasyn.sampling import flip_coin, sample_union, step_generator, step_rng
 from dynasyn.scene import Scene, load_scene
+from dynasyn.segmix import seg_mix
 from dynasyn.tokens import (
     EncodedPrompt,
     add_placeholders,
@@ -149,12 +151,17 @@ class Trainer:
             self.downsample = resolve_downsample(self.unet, cfg.attention_downsample)
         except ValueError as e:
             raise InputError(str(e)) from None
+        if cfg.low_vram:  # PyTorch SDPA everywhere the capture layers do not need the maps
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            self.unet.set_attn_processor(AttnProcessor2_0())
         self.store = install_attention_capture(self.unet, self.downsample)
         self.vae.to(self.device)
         self.unet.to(self.device)
         self.text_encoder.to(self.device)
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+            keep_capture_layers_unchecked(self.unet)  # their maps are captured once, exactly
             self.text_encoder.gradient_checkpointing_enable()
 
         self.lambdas = dict(cfg.lambdas)
@@ -196,6 +203,7 @@ class Trainer:
         self.prior_unet = None
         self.prior_te = None
         self.lora = cfg.lora_rank > 0
+        self._warned = [False]  # the 8-bit optimizer's fallback warning, once per run
 
     # ------------------------------------------------------------------ setup helpers
     def _class_images(self, pipe) -> Path | None:
@@ -270,7 +278,7 @@ class Trainer:
                            "lr": cfg.phase2_lr}]
             self.unet.train()
             self.text_encoder.train()
-        opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        opt_cls = optimizer_class(cfg.optimizer, cfg.use_8bit_adam, self.device, self._warned)
         self.optimizer = opt_cls(
             groups,
             betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -606,9 +614,16 @@ class Trainer:
         emb = self.embedding
         if emb.grad is not None:
             emb.grad[: self.orig_vocab] = 0
+        scaler = self.acc.scaler  # fp16 on CUDA: acc.backward scaled the loss
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.optimizer.step()
+        if scaler is not None:
+            scaler.step(self.optimizer)  # skips a step with inf/nan gradients
+            scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             # every non-placeholder row stays bit-identical (also under AdamW weight decay)

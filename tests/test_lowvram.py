@@ -1,0 +1,135 @@
+"""The low-VRAM recipe: the profile it resolves to, a tiny run under it, the 8-bit fallback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import types
+
+import pytest
+import torch
+import yaml
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from dynasyn.attention import CaptureCrossAttnProcessor
+from dynasyn.config import build_config
+from dynasyn.lowvram import LOW_VRAM_LORA_RANK, optimizer_class
+from dynasyn.rundir import LOSS_LOG
+from dynasyn.train import train
+
+PROFILE = dict(lora_rank=LOW_VRAM_LORA_RANK, gradient_checkpointing=True, use_8bit_adam=True,
+               prior_dtype="auto", efficient=True)
+
+
+def _values(cfg, keys):
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def test_profile_sets_its_keys_and_explicit_values_win(tmp_path):
+    plain = build_config("dynasyn", overrides=dict(device="cpu"))
+    assert _values(plain, PROFILE) != PROFILE and plain.mixed_precision == "no"
+    cpu = build_config("dynasyn", overrides=dict(low_vram=True, device="cpu"))
+    assert _values(cpu, PROFILE) == PROFILE
+    assert cpu.mixed_precision == "no"  # autocast only on CUDA
+    cuda = build_config("dynasyn", overrides=dict(low_vram="true"), assume_cuda=True)
+    assert _values(cuda, PROFILE) == PROFILE and cuda.mixed_precision == "bf16"
+    # explicit values (--set / options, and a config file) win over the profile
+    mine = build_config("dynasyn", overrides=dict(low_vram=True, lora_rank=0,
+                                                  mixed_precision="fp16",
+                                                  use_8bit_adam=False), assume_cuda=True)
+    assert (mine.lora_rank, mine.mixed_precision, mine.use_8bit_adam) == (0, "fp16", False)
+    assert mine.gradient_checkpointing is True
+    f = tmp_path / "c.yaml"
+    f.write_text("low_vram: true\ngradient_checkpointing: false\nlora_rank: 4\n")
+    fromfile = build_config("dynasyn", config_file=f, overrides=dict(device="cpu"))
+    assert (fromfile.gradient_checkpointing, fromfile.lora_rank) == (False, 4)
+    assert fromfile.use_8bit_adam is True
+
+
+def _no_bitsandbytes(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import raises ImportError
+
+
+def _losses(run):
+    return [json.loads(line) for line in (run / LOSS_LOG).read_text().splitlines()]
+
+
+def test_low_vram_run_trains_with_the_same_first_step_losses(tiny_model, scene2, tmp_path,
+                                                            monkeypatch, caplog, one_thread):
+    """A tiny run under low_vram (CPU: LoRA r16, checkpointing, plain Adam after one warning)
+    trains; its first step of each phase has the losses of the default run (checkpointing
+    recomputes the same values; LoRA's B starts at zero, so phase 2 starts from the same
+    model, and the prior is the same base weights with the adapters off)."""
+    _no_bitsandbytes(monkeypatch)
+    runs, trainers = {}, {}
+    for low in (False, True):
+        cfg = build_config("dynasyn", overrides=dict(
+            model=str(tiny_model), scene=str(scene2), phase1_steps=1, phase2_steps=2,
+            log_every=1, low_vram=low, device="cpu"))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dynasyn"):
+            trainers[low] = train(cfg, tmp_path / f"run{low}", progress=False)
+        warned = [r.getMessage() for r in caplog.records if "use_8bit_adam" in r.getMessage()]
+        assert len(warned) == (1 if low else 0), warned
+        runs[low] = _losses(tmp_path / f"run{low}")
+    assert "bitsandbytes is not installed" in warned[0] and "plain Adam" in warned[0]
+    tr = trainers[True]
+    assert type(tr.optimizer) is torch.optim.Adam
+    assert tr.mode == "lora" and tr.cfg.lora_rank == LOW_VRAM_LORA_RANK
+    assert tr.unet.is_gradient_checkpointing
+    procs = list(tr.unet.attn_processors.values())
+    assert all(isinstance(p, (AttnProcessor2_0, CaptureCrossAttnProcessor)) for p in procs)
+    assert any(isinstance(p, CaptureCrossAttnProcessor) for p in procs)
+    recorded = yaml.safe_load((tmp_path / "runTrue" / "config.yaml").read_text())
+    assert recorded["low_vram"] is True and recorded["lora_rank"] == LOW_VRAM_LORA_RANK
+    assert recorded["gradient_checkpointing"] is True and recorded["use_8bit_adam"] is True
+    plain, low = runs[False], runs[True]
+    assert [r["step"] for r in low] == [1, 2, 3]
+    for i in (0, 1):  # phase 1's step, phase 2's first step
+        for k in ("md", "m2a", "ica", "loss"):
+            assert low[i][k] == pytest.approx(plain[i][k], rel=1e-5, abs=1e-9), (i, k)
+    assert low[2]["loss"] != pytest.approx(plain[2]["loss"], rel=1e-7)  # then they train apart
+
+
+def test_8bit_adam_is_used_when_bitsandbytes_is_there(monkeypatch, caplog):
+    class AdamW8bit:  # stand-ins for bitsandbytes' classes
+        pass
+
+    class Adam8bit:
+        pass
+
+    fake = types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=AdamW8bit,
+                                                             Adam8bit=Adam8bit))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    cuda = torch.device("cuda")
+    assert optimizer_class("adamw", True, cuda) is AdamW8bit
+    assert optimizer_class("adam", True, cuda) is Adam8bit
+    assert optimizer_class("adamw", False, cuda) is torch.optim.AdamW
+    warned = [False]
+    with caplog.at_level(logging.WARNING, logger="dynasyn"):
+        assert optimizer_class("adamw", True, torch.device("cpu"), warned) is torch.optim.AdamW
+        assert optimizer_class("adamw", True, torch.device("cpu"), warned) is torch.optim.AdamW
+    assert len(caplog.records) == 1 and "needs a CUDA device" in caplog.records[0].getMessage()
+
+
+def test_checkpointing_keeps_losses_and_gradients_of_full_phase_2(tiny_model, scene2, tmp_path,
+                                                                  one_thread):
+    """Gradient checkpointing with the attention losses on (capture blocks unchecked, every
+    other block recomputed): the same losses and gradients as without it."""
+    from dynasyn.train import Trainer
+
+    out = {}
+    for ckpt in (False, True):
+        cfg = build_config("dynasyn", overrides=dict(
+            model=str(tiny_model), scene=str(scene2), gradient_checkpointing=ckpt, device="cpu"))
+        tr = Trainer(cfg, tmp_path / f"r{ckpt}", progress=False)
+        tr.orig_rows = tr.embedding[:49408].detach().clone()
+        tr._setup_phase(2)
+        logs = tr.compute_gradients(0)
+        out[ckpt] = (logs, [p.grad.clone() for p in tr.params if p.grad is not None])
+    assert tr.unet.is_gradient_checkpointing
+    (la, ga), (lb, gb) = out[False], out[True]
+    assert set(la) >= {"md", "m2a", "ica"} and la == pytest.approx(lb, rel=1e-6)
+    assert len(ga) == len(gb) > 0
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(ga, gb, strict=True))
