@@ -38,12 +38,22 @@ def _iou(a, b):
     return (a & b).sum() / max(1, (a | b).sum())
 
 
-def test_resegmented_masks_follow_the_final_image_not_the_paste():
-    img = Image.new("RGB", (64, 64), (200, 200, 200))
+def _final_image(*squares):
+    """A grey image with coloured squares ``(y, x, side, rgb)`` drawn in."""
+    a = np.full((64, 64, 3), 200, np.uint8)
+    for y, x, side, rgb in squares:
+        a[y : y + side, x : x + side] = rgb
+    return Image.fromarray(a)
+
+
+@pytest.mark.parametrize("grabcut", [True, False])
+def test_resegmented_masks_follow_the_final_image_not_the_paste(grabcut):
+    pytest.importorskip("cv2") if grabcut else None
     pasted = [_square(4, 4), _square(4, 44)]
-    # GSA moved both subjects down: the final image's attention peaks elsewhere
+    # GSA moved both subjects down: they are drawn, and attended, elsewhere
+    img = _final_image((40, 4, 16, (220, 40, 40)), (40, 44, 16, (40, 60, 220)))
     maps = np.stack([_blob_map(10, 1), _blob_map(10, 11)])
-    masks, info = resegment_masks(img, maps, pasted)
+    masks, info = resegment_masks(img, maps, pasted, grabcut=grabcut)
     assert [r["source"] for r in info] == ["resegmented", "resegmented"]
     assert _iou(masks[0], _square(40, 4)) > 0.7 and _iou(masks[1], _square(40, 44)) > 0.7
     for m, p, r in zip(masks, pasted, info, strict=True):
@@ -51,23 +61,36 @@ def test_resegmented_masks_follow_the_final_image_not_the_paste():
     assert not (masks[0] & masks[1]).any()
 
 
+def test_grabcut_fits_a_coarse_attention_blob_to_the_subject():
+    pytest.importorskip("cv2")
+    img = _final_image((22, 22, 20, (220, 40, 40)))
+    truth = _square(22, 22, side=20)
+    maps = _blob_map(6, 6, side=6)[None]  # 24 px wide, 2 px off the subject's corner
+    coarse, _ = resegment_masks(img, maps, [truth], grabcut=False)
+    fitted, _ = resegment_masks(img, maps, [truth])
+    assert _iou(fitted[0], truth) > 0.75 and _iou(fitted[0], truth) > _iou(coarse[0], truth) + 0.2
+
+
 def test_a_degenerate_segmentation_falls_back_to_the_pasted_mask_and_says_why():
     img = Image.new("RGB", (64, 64), (200, 200, 200))
     pasted = [_square(4, 4), _square(36, 36, side=24)]
     flat = np.full((16, 16), 0.3, np.float32)
-    masks, info = resegment_masks(img, np.stack([_blob_map(0, 0, side=5), flat]), pasted)
+    # (the fallback rules do not depend on the GrabCut refinement, left out here)
+    masks, info = resegment_masks(img, np.stack([_blob_map(0, 0, side=5), flat]), pasted,
+                                  grabcut=False)
     assert info[1] == {"source": "pasted", "reason": "flat attention map",
                        "iou_pasted": info[1]["iou_pasted"]}
     assert np.array_equal(masks[1], pasted[1]) and info[0]["source"] == "resegmented"
     # a segmentation far smaller than the pasted subject is degenerate too
     tiny = _blob_map(12, 12, side=1)
-    masks, info = resegment_masks(img, np.stack([_blob_map(0, 0, side=5), tiny]), pasted)
+    masks, info = resegment_masks(img, np.stack([_blob_map(0, 0, side=5), tiny]), pasted,
+                                  grabcut=False)
     assert info[1]["source"] == "pasted" and info[1]["reason"].startswith("area 0.")
     assert np.array_equal(masks[1], pasted[1])
     # the fallback's pixels are taken from a re-segmented neighbour: masks stay disjoint
     big = _blob_map(5, 5, side=11)  # covers the second subject's pasted square too
     pasted = [_square(0, 0, side=34), _square(40, 40, side=24)]
-    masks, info = resegment_masks(img, np.stack([big, flat]), pasted)
+    masks, info = resegment_masks(img, np.stack([big, flat]), pasted, grabcut=False)
     assert info[0]["source"] == "resegmented" and info[1]["source"] == "pasted"
     assert not (masks[0] & masks[1]).any() and masks[0].any()
 
@@ -105,7 +128,7 @@ def test_augment_with_resegmented_masks_records_them_and_never_reuses_pasted_ite
     recs = [json.loads(x) for x in (out / "prompts.jsonl").read_text().splitlines()]
     assert {r["key"] for r in recs}.isdisjoint({r["key"] for r in recs_p})
     for r in recs:
-        assert r["final_masks"] == "resegment"
+        assert r["final_masks"] == "resegment" and isinstance(r["grabcut"], bool)
         assert sorted(r["mask_sources"]) == sorted(str(s) for s in r["subjects"])
         for s in r["subjects"]:
             src = r["mask_sources"][str(s)]
@@ -125,7 +148,7 @@ def test_the_masks_written_are_the_resegmented_ones(tiny_model, scene2, tmp_path
     seen = []
 
     def moved(image, maps, pasted, sam=None):  # a segmentation that differs from the paste
-        new = [np.roll(p, 7, axis=0) for p in pasted]
+        new = [_square(8 * k, 0, side=8) for k in range(len(pasted))]
         seen.append((pasted, new))
         return new, [{"source": "resegmented", "reason": None, "iou_pasted": 0.5}
                      for _ in pasted]
@@ -149,6 +172,14 @@ def test_the_option_is_validated_keyed_and_on_the_command_line(capsys):
             for f in ("pasted", "resegment")}
     assert keys["pasted"] != keys["resegment"]
     assert keys["pasted"] == "7475a689dfe161d3"  # the key pasted items had before the option
+    # re-segmented masks differ with and without OpenCV's GrabCut: keyed apart
+    import dynasyn.augment.resegment as R
+
+    with pytest.MonkeyPatch.context() as mp:
+        flipped = not R.grabcut_available()
+        mp.setattr(R, "grabcut_available", lambda: flipped)
+        other = item_key(AugmentConfig(final_masks="resegment"), "m", "d", item, ["a"], ["b"])
+    assert other not in keys.values()
     for cmd in ("augment", "personalize"):
         with pytest.raises(SystemExit):
             build_parser().parse_args([cmd, "--help"])

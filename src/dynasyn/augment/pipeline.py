@@ -99,6 +99,10 @@ def item_key(cfg: AugmentConfig, model_id: str, scene_digest: str, item, phrases
         payload.pop("gsa_sampler")
     if payload["final_masks"] == "pasted":  # likewise for the final masks
         payload.pop("final_masks")
+    else:
+        from dynasyn.augment.resegment import grabcut_available
+
+        payload["grabcut"] = grabcut_available()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -192,10 +196,13 @@ def render_item(models: _Models, cfg: AugmentConfig, item, phrases, classes, sce
 
 def mask_record(final_masks: str, subjects, sources: list[dict] | None) -> dict:
     """What an item's record says about its masks: ``final_masks`` and, when re-segmented,
-    ``mask_sources`` (per subject index: resegmented or pasted, and why)."""
+    ``grabcut`` (refined by GrabCut) and ``mask_sources`` (per subject index: resegmented or
+    pasted, and why)."""
     if final_masks == "pasted":
         return {"final_masks": "pasted"}
-    return {"final_masks": final_masks,
+    from dynasyn.augment.resegment import grabcut_available
+
+    return {"final_masks": final_masks, "grabcut": grabcut_available(),
             "mask_sources": {str(s): src for s, src in zip(subjects, sources or [], strict=True)}}
 
 

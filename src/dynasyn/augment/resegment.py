@@ -6,8 +6,9 @@ model sees each subject in that image: the final image is encoded by the VAE, no
 timesteps (fixed noise from the item's seed) and passed once through the UNet with the phrase
 prompt, capturing each subject's class-word cross-attention with the store installed on the
 UNet (no denoising step is taken). :func:`resegment_masks` turns the maps into masks with the
-same Step 3 segmenters as the drafts (:func:`~dynasyn.augment.masks.attention_masks`, or SAM
-prompted by their boxes and peaks) and checks each against the subject's pasted mask: a mask
+same Step 3 segmenters as the drafts (:func:`~dynasyn.augment.masks.attention_masks`, refined
+by GrabCut on the final image when OpenCV is installed, or SAM prompted by their boxes and
+peaks) and checks each against the subject's pasted mask: a mask
 that is empty, or whose area is far from the pasted one's (GSA keeps the subject's size), is
 *degenerate* and the pasted mask is kept for that subject instead, with the reason recorded.
 The masks stay disjoint.
@@ -26,7 +27,8 @@ from dynasyn.attention import get_store
 from dynasyn.augment.draft import cfg_weights, class_token_spans, run_capturing
 from dynasyn.augment.masks import attention_masks, attention_prompts, sam_masks
 
-__all__ = ["AREA_RANGE", "FINAL_MASKS", "TIMESTEPS", "final_image_maps", "resegment_masks"]
+__all__ = ["AREA_RANGE", "FINAL_MASKS", "TIMESTEPS", "final_image_maps", "grabcut_available",
+           "resegment_masks"]
 
 FINAL_MASKS = ("pasted", "resegment")
 """``--final-masks`` values: the pasted subjects' masks, or a segmentation of the final image."""
@@ -37,6 +39,14 @@ TIMESTEPS = (500, 600, 700)
 
 AREA_RANGE = (0.25, 4.0)
 """A re-segmented mask whose area is outside this multiple of the pasted mask's is degenerate."""
+
+
+def grabcut_available() -> bool:
+    """Whether the attention masks get GrabCut's refinement (OpenCV importable); part of a
+    re-segmented item's cache key, since the masks differ without it."""
+    import importlib.util
+
+    return importlib.util.find_spec("cv2") is not None
 
 
 @torch.no_grad()
@@ -85,12 +95,13 @@ def _degenerate(mask: np.ndarray, pasted: np.ndarray, flat: bool) -> str | None:
 
 
 def resegment_masks(image: Image.Image, maps: np.ndarray, pasted: Sequence[np.ndarray],
-                    sam: tuple[Any, Any] | None = None
+                    sam: tuple[Any, Any] | None = None, grabcut: bool = True
                     ) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
     """The final masks of one item, segmented in ``image`` (the paper's post-GSA masks).
 
     ``maps`` (K, h, w) from :func:`final_image_maps`, ``pasted`` the K pasted masks (slot
-    order), ``sam`` an optional ``(SamModel, SamProcessor)``. Returns the K disjoint bool
+    order), ``sam`` an optional ``(SamModel, SamProcessor)``; ``grabcut``: refine the attention
+    masks by GrabCut on ``image`` (when OpenCV is installed; one warning otherwise). Returns the K disjoint bool
     masks and one record per slot: ``{"source": "resegmented" | "pasted", "reason": why the
     pasted mask was kept (None otherwise), "iou_pasted": IoU of the segmentation with the
     pasted mask}``. A fallback subject takes its pasted pixels from the others' masks, unless
@@ -100,7 +111,8 @@ def resegment_masks(image: Image.Image, maps: np.ndarray, pasted: Sequence[np.nd
     pasted = [np.asarray(p, dtype=bool) for p in pasted]
     a = np.asarray(maps, dtype=np.float32)
     flat = [not (np.isfinite(m).all() and float(m.max() - m.min()) > 1e-8) for m in a]
-    masks = attention_masks(np.nan_to_num(a).clip(min=0), size)
+    masks = attention_masks(np.nan_to_num(a).clip(min=0), size,
+                            grabcut_image=image if grabcut else None)
     if sam is not None:
         model, processor = sam
         masks = sam_masks(image, attention_prompts(masks, a), model, processor, fallback=masks)
