@@ -104,3 +104,40 @@ def test_evaluate_reports_detect_compare_per_category(trained_run, tiny_clip, tm
     html = (out / "report.html").read_text()
     assert "Detect-and-Compare" in html and "mixing [95 % CI]" in html
     assert "detect-and-compare" in summary_table(data)
+
+
+def test_with_a_dino_model_detect_compare_also_uses_dino(trained_run, tiny_clip, tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    from dynasyn.evaluate import evaluate
+
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                             num_attention_heads=4, intermediate_size=37)).save_pretrained(
+        tmp_path / "dino")
+    res = evaluate(trained_run, categories="interaction", n=1, steps=1, limit=1,
+                   clip_model=str(tiny_clip), dino_model=tmp_path / "dino", out=tmp_path / "ev",
+                   device="cpu", progress=False)
+    dc = res["detect_compare"]
+    assert dc["embeddings"] == ["clip", "dino"]
+    assert dc["overall"]["dino"]["mixing"]["n"] == dc["overall"]["clip"]["mixing"]["n"] == 2
+    (p,) = res["prompts"]
+    clip_slots, dino_slots = p["detect_compare"]["clip"][0], p["detect_compare"]["dino"][0]
+    assert [s["subject"] for s in dino_slots] == p["subjects"]
+    assert [s["own"] for s in dino_slots] != [s["own"] for s in clip_slots]
+
+
+def test_one_subject_runs_skip_detect_compare_with_a_note(tiny_model, tiny_clip, tmp_path):
+    from dynasyn.config import build_config
+    from dynasyn.evaluate import evaluate
+    from dynasyn.tiny import synthetic_scene
+    from dynasyn.train import train
+
+    scene = synthetic_scene(tmp_path / "scene", 1)
+    cfg = build_config("dynasyn", overrides=dict(model=str(tiny_model), scene=str(scene),
+                                                 phase1_steps=1, phase2_steps=1, log_every=1))
+    train(cfg, tmp_path / "run", progress=False)
+    res = evaluate(tmp_path / "run", categories="plain", n=1, steps=1, limit=1,
+                   clip_model=str(tiny_clip), out=tmp_path / "ev", device="cpu", progress=False)
+    assert "detect_compare" not in res
+    assert any(n.startswith("Detect-and-Compare skipped") for n in res["notes"])

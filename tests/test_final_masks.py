@@ -95,6 +95,23 @@ def test_a_degenerate_segmentation_falls_back_to_the_pasted_mask_and_says_why():
     assert not (masks[0] & masks[1]).any() and masks[0].any()
 
 
+def test_with_sam_the_final_image_is_segmented_by_sam_prompted_by_attention():
+    pytest.importorskip("cv2")
+    from test_augment_compose import _tiny_sam
+
+    img = _final_image((40, 4, 16, (220, 40, 40)), (40, 44, 16, (40, 60, 220)))
+    pasted = [_square(4, 4), _square(4, 44)]
+    maps = np.stack([_blob_map(10, 1), _blob_map(10, 11)])
+    calls = []
+    model, processor = _tiny_sam()
+    real = model.forward
+    model.forward = lambda *a, **k: calls.append(k.get("input_boxes")) or real(*a, **k)
+    masks, info = resegment_masks(img, maps, pasted, sam=(model, processor))
+    assert len(calls) == 2  # one SAM decoding per subject, prompted by its attention box
+    assert len(masks) == 2 and all(m.any() for m in masks) and not (masks[0] & masks[1]).any()
+    assert all(r["source"] in ("resegmented", "pasted") for r in info)
+
+
 @pytest.fixture(scope="module")
 def pipe(tiny_model):
     p = load_pipeline(str(tiny_model))
