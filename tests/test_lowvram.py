@@ -133,3 +133,17 @@ def test_checkpointing_keeps_losses_and_gradients_of_full_phase_2(tiny_model, sc
     assert set(la) >= {"md", "m2a", "ica"} and la == pytest.approx(lb, rel=1e-6)
     assert len(ga) == len(gb) > 0
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(ga, gb, strict=True))
+
+
+def test_train_records_the_resolved_profile_and_set_values(tiny_model, scene2, tmp_path,
+                                                           monkeypatch, one_thread):
+    from dynasyn.cli import main
+
+    _no_bitsandbytes(monkeypatch)
+    run = tmp_path / "run"
+    assert main(["train", str(scene2), "--model", str(tiny_model), "--out", str(run),
+                 "--phase1-steps", "1", "--phase2-steps", "0", "--no-progress",
+                 "--set", "low_vram=true", "--set", "lora_rank=0", "--device", "cpu"]) == 0
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    assert recorded["low_vram"] is True and recorded["lora_rank"] == 0  # --set wins
+    assert recorded["gradient_checkpointing"] is True and recorded["mixed_precision"] == "no"

@@ -337,7 +337,7 @@ def cmd_train(args: argparse.Namespace, allow_existing: bool = False) -> int:
 
         allow_existing = prepare_photo_run(args, out) or allow_existing  # a photo: RUN/masks
         overrides = parse_set(args.set)
-        overrides.update(
+        options = dict(  # given options win over --set; an option left out keeps --set's value
             scene=str(Path(args.scene)),
             model=args.model,
             preset=args.preset,
@@ -350,6 +350,7 @@ def cmd_train(args: argparse.Namespace, allow_existing: bool = False) -> int:
             seed=args.seed,
             device=args.device,
         )
+        overrides.update({k: v for k, v in options.items() if v is not None})
         cfg = build_config(args.preset or "dynasyn", args.config, overrides)
         if args.augmented and not Path(args.augmented).is_dir():
             raise InputError(f"augmented directory {args.augmented} does not exist; check the path")

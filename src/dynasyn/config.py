@@ -182,6 +182,8 @@ def _coerce(name: str, value: Any) -> Any:
             return int(value)
         if hint is float:
             return float(value)
+        if isinstance(value, bool):  # YAML reads a bare no / yes as a boolean
+            return "yes" if value else "no"
         return str(value)
     except (TypeError, ValueError):
         raise InputError(

@@ -96,12 +96,12 @@ def model_configs(model: str) -> dict[str, Any]:
     of :data:`~dynasyn.known_models.KNOWN_MODELS`, or a hub id whose configs the hub cache
     holds or the hub serves (config files only)."""
     from dynasyn.known_models import KNOWN_MODELS
-    from dynasyn.models import MICRO_NAMES, resolve_model
+    from dynasyn.models import resolve_model
 
     if model in KNOWN_MODELS and not Path(model).is_dir():
         return KNOWN_MODELS[model]
-    path = resolve_model(model) if model in MICRO_NAMES or Path(model).expanduser().is_dir() \
-        else None
+    resolved = resolve_model(model)  # a bad path: one line
+    path = resolved if Path(resolved).is_dir() else None
 
     def read(name: str) -> dict[str, Any] | None:
         if path is not None:
@@ -180,21 +180,26 @@ def prior_copy_params(unet: torch.nn.Module, downsample: int) -> int:
 
 
 # ---------------------------------------------------------------------- activations
-def _unet_units(unet: Any, latent: int) -> list[tuple[str, int, int, int]]:
-    """(kind, pixels, channels in, channels out) of the UNet's blocks at latent side ``latent``."""
+def _unet_units(unet: Any, latent: int, capture: int | None
+                ) -> list[tuple[str, int, int, int]]:
+    """(kind, pixels, channels in, channels out) of the UNet's blocks at latent side ``latent``;
+    the transformer blocks of the capture layers (down/up blocks at latent/``capture``) are
+    of kind "capture" (never checkpointed)."""
     n = len(unet.config.block_out_channels)
-    levels = ([("down_blocks", i, unet.down_blocks[i], latent // 2**i) for i in range(n)]
-              + [("mid_block", 0, unet.mid_block, latent // 2 ** (n - 1))]
-              + [("up_blocks", i, unet.up_blocks[i], latent // 2 ** (n - 1 - i)) for i in range(n)])
+    levels = ([(2**i, unet.down_blocks[i]) for i in range(n)]
+              + [(0, unet.mid_block)]
+              + [(2 ** (n - 1 - i), unet.up_blocks[i]) for i in range(n)])
     units = [("head", latent * latent, unet.conv_in.out_channels, unet.conv_in.out_channels)]
-    for _, _, block, side in levels:
+    for factor, block in levels:
+        side = latent // (factor or 2 ** (n - 1))
         px = side * side
         for r in getattr(block, "resnets", []) or []:
             units.append(("resnet", px, r.conv1.in_channels, r.conv2.out_channels))
         for a in getattr(block, "attentions", []) or []:
             c = a.config.in_channels
+            kind = "capture" if factor == capture else "tblock"
             units.append(("t2d", px, c, c))
-            units += [("tblock", px, c, c) for _ in a.transformer_blocks]
+            units += [(kind, px, c, c) for _ in a.transformer_blocks]
         for u in getattr(block, "upsamplers", []) or []:
             units.append(("upsample", px, u.channels, u.out_channels))
     return units
@@ -203,11 +208,13 @@ def _unet_units(unet: Any, latent: int) -> list[tuple[str, int, int, int]]:
 def _unit_bytes(kind: str, px: int, cin: int, cout: int) -> float:
     if kind == "resnet":
         return px * (RESNET_IN * cin + RESNET_OUT * cout)
-    return px * cin * {"t2d": T2D, "tblock": TBLOCK, "upsample": UPSAMPLE, "head": HEAD}[kind]
+    per = {"t2d": T2D, "tblock": TBLOCK, "capture": TBLOCK, "upsample": UPSAMPLE, "head": HEAD}
+    return px * cin * per[kind]
 
 
 def activation_bytes(models: Models, resolution: int, batch: int, checkpointing: bool,
-                     mixed: bool, text_checkpointing: bool | None = None) -> float:
+                     mixed: bool, text_checkpointing: bool | None = None,
+                     capture: int | None = None) -> float:
     """Bytes autograd keeps for one training pass of ``batch`` images (an estimate).
 
     Without checkpointing: Σ over the UNet's blocks of pixels × coefficient × channels (the
@@ -215,7 +222,9 @@ def activation_bytes(models: Models, resolution: int, batch: int, checkpointing:
     plus the largest block once more (the backward pass's working buffers), × batch. With
     checkpointing (diffusers checkpoints every ResnetBlock2D and BasicTransformerBlock, and
     transformers every CLIP layer): those keep only their input (4 bytes per element), plus
-    one block's full activations, recomputed in the backward pass. Under mixed precision,
+    one block's full activations, recomputed in the backward pass; the transformer blocks of
+    the capture layers (latent/``capture``) are not checkpointed
+    (:func:`~dynasyn.attention.keep_capture_layers_unchecked`). Under mixed precision,
     × :data:`MIXED_FACTOR`. ``text_checkpointing``: the text encoders' own (default: ``checkpointing``).
     """
     text_checkpointing = checkpointing if text_checkpointing is None else text_checkpointing
@@ -223,7 +232,7 @@ def activation_bytes(models: Models, resolution: int, batch: int, checkpointing:
     vae_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
     latent = resolution // vae_factor
     kept, largest = 0.0, 0.0
-    for kind, px, cin, cout in _unet_units(models.unet, latent):
+    for kind, px, cin, cout in _unet_units(models.unet, latent, capture):
         full = _unit_bytes(kind, px, cin, cout)
         largest = max(largest, full)
         kept += px * cin * elem if checkpointing and kind in ("resnet", "tblock") else full
@@ -263,6 +272,10 @@ def estimate_memory(cfg: TrainConfig, n_subjects: int, models: Models | None = N
              f"{n_subjects} subjects; mixed precision {cfg.mixed_precision}, gradient "
              f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, "
              f"{'8-bit Adam' if cfg.use_8bit_adam else 'Adam (fp32 states)'}"]
+    try:
+        capture = resolve_downsample(unet, cfg.attention_downsample)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     graphs = cfg.batch_size
     if not cfg.efficient:  # one backward: the L_AUG and prior-preservation graphs stay alive too
         graphs += int(cfg.lambda_aug > 0 and bool(cfg.augmented)) + int(cfg.prior_preservation)
@@ -276,7 +289,8 @@ def estimate_memory(cfg: TrainConfig, n_subjects: int, models: Models | None = N
         est.rows["frozen prior"] = prior
         est.rows["half weight copies"] = half_copies
         est.rows["activations"] = activation_bytes(models, resolution, graphs,
-                                                   cfg.gradient_checkpointing, mixed, text_ckpt)
+                                                   cfg.gradient_checkpointing, mixed, text_ckpt,
+                                                   capture)
         return est
 
     phases = []
@@ -294,11 +308,7 @@ def estimate_memory(cfg: TrainConfig, n_subjects: int, models: Models | None = N
             prior = 0.0
             if cfg.prior_model == "frozen" and (cfg.lambda_ica > 0 or cfg.lambda_aug > 0):
                 if cfg.efficient:
-                    try:
-                        ds = resolve_downsample(unet, cfg.attention_downsample)
-                    except ValueError as e:
-                        raise InputError(str(e)) from None
-                    prior = prior_copy_params(unet, ds) * _dtype_bytes(cfg)
+                    prior = prior_copy_params(unet, capture) * _dtype_bytes(cfg)
                 else:
                     prior = 4.0 * (n_params(unet) + te_params)
             phases.append(phase(2, "full", trained, 0.0, prior, cfg.gradient_checkpointing))
@@ -317,23 +327,25 @@ def _dtype_bytes(cfg: TrainConfig) -> float:
 
 
 def format_estimate(est: MemoryEstimate) -> str:
-    """The per-phase table of an estimate and its peak, in GiB."""
+    """The per-phase table of an estimate and its peak (GiB, or MiB below 1 GiB)."""
+    unit, scale = ("GiB", GiB) if est.peak >= GiB else ("MiB", 2**20)
     names = list(est.phases[0].rows) if est.phases else []
     heads = [f"phase {p.phase} ({p.label})" for p in est.phases]
-    w0 = max([len("component")] + [len(n) for n in names] + [len("total")])
-    widths = [max(len(h), 8) for h in heads]
-    lines = [f"estimated peak GPU memory of this run (GiB; an estimate, not a measurement): "
-             f"{est.peak / GiB:.1f}"]
+    w0 = len("trained parameters")
+    widths = [max(len(h), 13) for h in heads]
+
+    def row(name: str, cells: list[str]) -> str:
+        return "  ".join([name.ljust(w0)] + [c.rjust(w) for c, w in zip(cells, widths,
+                                                                        strict=True)])
+
+    lines = [f"estimated peak GPU memory: {est.peak / scale:.2f} {unit} "
+             "(an estimate from the model's configs, not a measurement)"]
     lines += [f"  {n}" for n in est.notes]
-    lines.append("  ".join(["component".ljust(w0)] + [h.rjust(w) for h, w in zip(heads, widths,
-                                                                                strict=True)]))
+    lines.append(row(f"component ({unit})", heads))
     for name in names + ["total"]:
         vals = [p.total if name == "total" else p.rows[name] for p in est.phases]
-        lines.append("  ".join([name.ljust(w0)] + [f"{v / GiB:.2f}".rjust(w)
-                                                  for v, w in zip(vals, widths, strict=True)]))
-    lines.append("  ".join(["trained params".ljust(w0)] + [
-        f"{p.trained_params / 1e6:.1f}M".rjust(w) for p, w in zip(est.phases, widths,
-                                                                    strict=True)]))
+        lines.append(row(name, [f"{v / scale:.2f}" for v in vals]))
+    lines.append(row("trained parameters", [f"{p.trained_params:,}" for p in est.phases]))
     return "\n".join(lines)
 
 
@@ -353,9 +365,10 @@ def cmd_estimate_memory(args: argparse.Namespace) -> int:
         if not args.scene:
             raise InputError("no scene given: pass a scene directory (or --resume with --out RUN)")
         overrides = parse_set(args.set)
-        overrides.update(model=args.model, preset=args.preset, augmented=args.augmented,
-                         phase1_steps=args.phase1_steps, phase2_steps=args.phase2_steps,
-                         lora_rank=args.lora_rank, seed=args.seed, device=args.device)
+        options = dict(model=args.model, preset=args.preset, augmented=args.augmented,
+                       phase1_steps=args.phase1_steps, phase2_steps=args.phase2_steps,
+                       lora_rank=args.lora_rank, device=args.device)
+        overrides.update({k: v for k, v in options.items() if v is not None})
         cfg = build_config(args.preset or "dynasyn", args.config, overrides, assume_cuda=True)
         scene = Path(args.scene)
     n = _count_subjects(scene, args.classes)

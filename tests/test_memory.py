@@ -1,0 +1,192 @@
+"""dynasyn train --estimate-memory: exact parameter arithmetic, the activation formula, the CLI."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from dynasyn.cli import main
+from dynasyn.config import build_config
+from dynasyn.known_models import KNOWN_MODELS
+from dynasyn.memory import (
+    GiB,
+    Models,
+    activation_bytes,
+    empty_models,
+    estimate_memory,
+    n_params,
+)
+from dynasyn.tiny import tiny_pipeline
+from dynasyn.train import Trainer
+
+SD21 = "stabilityai/stable-diffusion-2-1-base"
+SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+def test_known_configs_build_the_published_parameter_counts():
+    sd21 = empty_models(KNOWN_MODELS[SD21])
+    assert n_params(sd21.unet) == 865_910_724
+    assert [n_params(t) for t in sd21.text_encoders] == [340_387_840]
+    assert n_params(sd21.vae) == 83_653_863
+    xl = empty_models(KNOWN_MODELS[SDXL])
+    assert n_params(xl.unet) == 2_567_463_684
+    assert [n_params(t) for t in xl.text_encoders] == [123_060_480, 694_659_840]
+    assert xl.kind == "sdxl" and next(xl.unet.parameters()).device.type == "meta"
+
+
+def _trainer_params(cfg, out, phase):
+    tr = Trainer(cfg, out, progress=False)
+    weights = sum(n_params(m) for m in (tr.unet, tr.text_encoder, tr.vae))
+    tr.orig_rows = tr.embedding[: tr.orig_vocab].detach().clone()
+    tr._setup_phase(phase)
+    return tr, weights, sum(p.numel() for p in tr.params)
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_parameter_rows_are_the_trainers_exact_counts(tiny_model, scene2, tmp_path, lora,
+                                                      one_thread):
+    cfg = build_config("dynasyn", overrides=dict(model=str(tiny_model), scene=str(scene2),
+                                                 lora_rank=lora, device="cpu"))
+    est = estimate_memory(cfg, n_subjects=2)
+    p1, p2 = est.phases
+    _, weights, trained1 = _trainer_params(cfg, tmp_path / "a", 1)
+    tr, _, trained2 = _trainer_params(cfg, tmp_path / "b", 2)
+    assert p1.trained_params == trained1 and p2.trained_params == trained2
+    assert p1.rows["weights"] == 4 * weights
+    for p in (p1, p2):
+        assert p.rows["gradients"] == 4 * p.trained_params
+        assert p.rows["optimizer"] == 8 * p.trained_params  # Adam: two fp32 states
+    if lora:
+        assert p2.rows["weights"] == 4 * (weights + trained2 - trained1)  # + the adapters
+        assert p2.rows["frozen prior"] == 0  # the base model with adapters off
+    else:
+        assert p2.rows["frozen prior"] == 4 * n_params(tr.prior_unet)  # attention-only copy
+    eight = estimate_memory(build_config("dynasyn", overrides=dict(
+        model=str(tiny_model), lora_rank=lora, use_8bit_adam=True)), n_subjects=2)
+    assert [p.rows["optimizer"] for p in eight.phases] == [2 * p.trained_params
+                                                           for p in est.phases]
+
+
+def _live_saved_bytes(unet, latent: int, mixed: bool) -> int:
+    """Bytes of the tensors autograd saves in one UNet pass (the weights and their
+    half-precision copies left out: the estimate has them in their own rows)."""
+    shapes = {tuple(p.shape) for p in unet.parameters()}
+    shapes |= {tuple(p.shape)[::-1] for p in unet.parameters() if p.dim() == 2}
+    params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params and not (mixed and tuple(t.shape) in shapes):
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    torch.manual_seed(0)
+    z = torch.randn(1, 4, latent, latent)
+    enc = torch.randn(1, 77, unet.config.cross_attention_dim, requires_grad=True)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
+        unet(z, torch.tensor([500]), enc)
+    return sum(seen.values())
+
+
+def _formula_over_live(unet, vae, resolution, mixed):
+    models = Models("sd", unet.requires_grad_(False), [], vae)
+    live = _live_saved_bytes(unet, resolution // 8 if resolution >= 256 else 16, mixed)
+    return activation_bytes(models, resolution, 1, False, mixed) / live
+
+
+@pytest.mark.parametrize("layout", ["sd15", "sd21"])
+def test_activation_formula_is_close_to_what_autograd_saves(layout, one_thread):
+    """The formula counts a little more than autograd keeps (1.1-1.3x, on CPU)."""
+    pipe = tiny_pipeline(layout=layout)
+    for mixed in (False, True):
+        assert 1.0 <= _formula_over_live(pipe.unet, pipe.vae, 64, mixed) <= 1.4, mixed
+
+
+@pytest.mark.slow
+def test_activation_formula_on_sd21_at_256px(one_thread):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    cfg = KNOWN_MODELS[SD21]
+    unet = UNet2DConditionModel.from_config(cfg["unet"])
+    vae = empty_models(cfg).vae
+    for mixed in (False, True):
+        assert 1.0 <= _formula_over_live(unet, vae, 256, mixed) <= 1.4, mixed
+    del AutoencoderKL
+
+
+def test_low_vram_and_its_parts_lower_the_estimate():
+    models = empty_models(KNOWN_MODELS[SD21])
+
+    def peak(**kw):
+        cfg = build_config("dynasyn", overrides=dict(model=SD21, **kw), assume_cuda=True)
+        return estimate_memory(cfg, 2, models).peak
+
+    default, low = peak(), peak(low_vram=True)
+    assert low < default / 3
+    assert peak(gradient_checkpointing=True) < default
+    assert peak(lora_rank=16) < default
+    assert peak(use_8bit_adam=True) < default
+    assert peak(low_vram=True, lora_rank=0) < default  # full phase 2, still lower
+    assert peak(low_vram=True) <= 12 * GiB  # the goal for SD 2.1 at 512 px
+
+
+def _table(out: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"^(\S.*?)\s{2,}(.*)$", line)
+        if m:
+            rows[m.group(1)] = m.group(2).split()
+    return rows
+
+
+def test_cli_prints_the_table_and_writes_nothing(tiny_model, scene2, tmp_path, capsys,
+                                                 monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    assert main(["train", str(scene2), "--model", str(tiny_model), "--estimate-memory",
+                 "--set", "low_vram=true", "--lora-rank", "4"]) == 0
+    out = capsys.readouterr().out
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+    assert out.startswith("estimated peak GPU memory: ") and "not a measurement" in out
+    rows = _table(out)
+    for name in ("weights", "gradients", "optimizer", "frozen prior", "activations", "total"):
+        assert len(rows[name]) == 2, name
+    cfg = build_config("dynasyn", overrides=dict(model=str(tiny_model), scene=str(scene2),
+                                                 low_vram=True, lora_rank=4))
+    _, _, trained = _trainer_params(cfg, tmp_path / "t", 2)
+    assert rows["trained parameters"][1] == f"{trained:,}"
+    assert "bf16" in out and "8-bit Adam" in out  # resolved as for a CUDA device
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--model", "/no/such/model"], "not a local pipeline directory"),
+    (["--set", "lora_rank=-1"], "lora_rank must be >= 0"),
+    (["--set", "attention_downsample=3"], "attention_downsample=3"),
+])
+def test_cli_bad_input_is_one_line(tiny_model, scene2, tmp_path, capsys, argv, expect):
+    model = [] if "--model" in argv else ["--model", str(tiny_model)]
+    assert main(["train", str(scene2), "--estimate-memory", *model, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dynasyn: error:") and expect in err, err
+
+
+def test_cli_bad_scene_and_missing_out(tiny_model, tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope"), "--estimate-memory",
+                 "--model", str(tiny_model)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert main(["train", str(tmp_path / "nope"), "--model", str(tiny_model)]) == 2
+    assert "--out is required" in capsys.readouterr().err
+
+
+def test_cli_set_values_win_over_the_profile(tiny_model, scene2, capsys):
+    argv = ["train", str(scene2), "--model", str(tiny_model), "--estimate-memory",
+            "--set", "low_vram=true"]
+    assert main(argv) == 0
+    assert "phase 2 (LoRA r16)" in capsys.readouterr().out
+    assert main([*argv, "--set", "lora_rank=0", "--set", "mixed_precision=no"]) == 0
+    out = capsys.readouterr().out
+    assert "phase 2 (full)" in out and "mixed precision no" in out
