@@ -190,3 +190,29 @@ def test_cli_set_values_win_over_the_profile(tiny_model, scene2, capsys):
     assert main([*argv, "--set", "lora_rank=0", "--set", "mixed_precision=no"]) == 0
     out = capsys.readouterr().out
     assert "phase 2 (full)" in out and "mixed precision no" in out
+
+
+def test_the_docs_estimates_are_the_commands(one_thread):
+    """docs/low-vram.md's table is what --estimate-memory computes (2 subjects, CUDA)."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "low-vram.md").read_text()
+    rows = [r for r in doc.splitlines() if r.startswith("| stable-diffusion")]
+    assert len(rows) >= 6
+    models = {}
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        name, px, config, peak = cells[0], int(cells[1]), cells[2].strip("`"), cells[-1]
+        model = next(k for k in KNOWN_MODELS if k.split("/")[1] == name)
+        kw = {}
+        for part in config.split(", "):
+            if part == "low_vram":
+                kw["low_vram"] = True
+            elif "=" in part:
+                k, v = part.split("=")
+                kw[k] = int(v) if v.isdigit() else v
+        cfg = build_config("dynasyn", overrides=dict(model=model, **kw), assume_cuda=True)
+        models.setdefault(model, empty_models(KNOWN_MODELS[model]))
+        est = estimate_memory(cfg, 2, models[model])
+        assert est.resolution == px
+        assert peak == f"**{est.peak / GiB:.1f}**", (r, est.peak / GiB)
