@@ -147,3 +147,27 @@ def test_train_records_the_resolved_profile_and_set_values(tiny_model, scene2, t
     recorded = yaml.safe_load((run / "config.yaml").read_text())
     assert recorded["low_vram"] is True and recorded["lora_rank"] == 0  # --set wins
     assert recorded["gradient_checkpointing"] is True and recorded["mixed_precision"] == "no"
+
+
+def test_fp16_gradient_scaler_is_unscaled_before_clipping_and_step(tiny_model, scene2, tmp_path,
+                                                                   one_thread):
+    """fp16 on CUDA: accelerate scales the loss; the trainer unscales before clipping and lets
+    the scaler step. A CPU GradScaler stands in: the step equals the unscaled one."""
+    from dynasyn.train import Trainer
+
+    after = []
+    for scale in (None, 2.0**14):
+        cfg = build_config("dynasyn", overrides=dict(model=str(tiny_model), scene=str(scene2),
+                                                     device="cpu"))
+        tr = Trainer(cfg, tmp_path / f"r{scale}", progress=False)
+        tr.orig_rows = tr.embedding[: tr.orig_vocab].detach().clone()
+        tr._setup_phase(2)
+        if scale is not None:
+            tr.acc.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        try:
+            for s in range(3):  # Adam's first step is scale-free: later ones are not
+                tr.step(s)
+        finally:
+            tr.acc.scaler = None
+        after.append([p.detach().clone() for p in tr.params])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(*after, strict=True))
