@@ -204,3 +204,21 @@ def test_the_option_is_validated_keyed_and_on_the_command_line(capsys):
     with pytest.raises(SystemExit) as e:
         main(["augment", "nowhere", "--out", "x", "--final-masks", "sam"])
     assert e.value.code == 2 and "invalid choice: 'sam'" in capsys.readouterr().err
+
+
+def test_a_given_sam_model_segments_the_final_image(tiny_model, scene2, tmp_path, monkeypatch):
+    from test_augment_compose import _tiny_sam
+
+    import dynasyn.augment.resegment as R
+
+    model, processor = _tiny_sam()
+    model.save_pretrained(tmp_path / "sam")
+    processor.save_pretrained(tmp_path / "sam")
+    got = []
+    real = R.resegment_masks
+    monkeypatch.setattr(R, "resegment_masks",
+                        lambda *a, sam=None, **k: got.append(sam) or real(*a, sam=sam, **k))
+    cfg = AugmentConfig(model=str(tiny_model), final_masks="resegment", sam_model=str(tmp_path / "sam"),
+                        **dict(FAST, num_prompts=1))  # drafts by attention, the final image by SAM
+    augment(scene2, tmp_path / "aug", cfg, progress=False)
+    assert len(got) == 1 and type(got[0][0]).__name__ == "SamModel"

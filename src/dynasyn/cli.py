@@ -158,7 +158,7 @@ def _add_augment_args(p: argparse.ArgumentParser, with_model: bool = True) -> No
                    "(stochastic DDPM sampling, the paper's SDE); docs/augmentation.md")
     p.add_argument("--final-masks", default="pasted", choices=["pasted", "resegment"],
                    help="L_AUG masks: the pasted subjects' (default) or each subject segmented "
-                   "again in the image after GSA (attention, or SAM with --segmenter sam)")
+                   "again in the image after GSA (attention, or SAM when --sam-model is given)")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--aug-seed", type=int, default=0)
     p.add_argument("--sam-model", help="transformers SamModel directory (--segmenter sam)")

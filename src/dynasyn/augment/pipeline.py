@@ -187,7 +187,7 @@ def render_item(models: _Models, cfg: AugmentConfig, item, phrases, classes, sce
         from dynasyn.augment.resegment import final_image_maps, resegment_masks
 
         final_maps = final_image_maps(pipe, final, item.template, ph, cl, seed)
-        sam = models.sam if cfg.segmenter == "sam" else None
+        sam = models.sam if cfg.sam_model else None  # SAM whenever one is given
         out["masks"], out["mask_sources"] = resegment_masks(final, final_maps, res.pasted_masks,
                                                             sam=sam)
         out["final_maps"] = final_maps
