@@ -171,3 +171,70 @@ def test_fp16_gradient_scaler_is_unscaled_before_clipping_and_step(tiny_model, s
             tr.acc.scaler = None
         after.append([p.detach().clone() for p in tr.params])
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(*after, strict=True))
+
+
+def test_lora_under_mixed_precision_stores_the_frozen_unet_half_exactly(tiny_model, scene2,
+                                                                       tmp_path, one_thread):
+    """LoRA + bf16: the never-trained UNet's linear/conv weights are kept in bf16 (prior_dtype
+    auto); losses and gradients are bit-identical to fp32 storage (prior_dtype float32), and
+    the run ends with the model files' fp32 weights back in place."""
+    from accelerate.state import AcceleratorState
+    from diffusers import UNet2DConditionModel
+
+    from dynasyn.train import Trainer
+
+    out = {}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        for dt in ("auto", "float32"):
+            cfg = build_config("dynasyn", overrides=dict(
+                model=str(tiny_model), scene=str(scene2), lora_rank=4, mixed_precision="bf16",
+                prior_dtype=dt, device="cpu", phase1_steps=1, phase2_steps=1))
+            tr = Trainer(cfg, tmp_path / dt, progress=False)
+            tr.orig_rows = tr.embedding[: tr.orig_vocab].detach().clone()
+            steps = []
+            for phase in (1, 2):
+                tr._setup_phase(phase)
+                logs = tr.compute_gradients(phase - 1)
+                steps.append((logs, [p.grad.clone() for p in tr.params if p.grad is not None]))
+                tr.optimizer.zero_grad(set_to_none=True)
+            out[dt] = (tr, steps)
+        half, full = out["auto"][0], out["float32"][0]
+        assert half.unet_half and not full.unet_half
+        assert half.unet.conv_in.weight.dtype == torch.bfloat16
+        assert half.unet.conv_norm_out.weight.dtype == torch.float32
+        assert full.unet.conv_in.weight.dtype == torch.float32
+        for (la, ga), (lb, gb) in zip(out["auto"][1], out["float32"][1], strict=True):
+            assert la == lb
+            assert len(ga) == len(gb) > 0 and all(torch.equal(a, b) for a, b in zip(ga, gb,
+                                                                                    strict=True))
+        from dynasyn.memory import estimate_memory
+
+        actual = sum(p.numel() * p.element_size() for m in (half.unet, half.text_encoder,
+                                                             half.vae) for p in m.parameters())
+        assert estimate_memory(half.cfg, 2).phases[1].rows["weights"] == actual  # + LoRA
+        half._restore_unet_weights()
+        base = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").state_dict()
+        mine = {k.replace(".base_layer", ""): v for k, v in half.unet.state_dict().items()
+                if "lora_" not in k}
+        assert mine.keys() == base.keys()
+        assert all(torch.equal(mine[k], base[k]) for k in base)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_lora_bf16_run_samples_after_training(tiny_model, scene2, tmp_path, one_thread):
+    """The fp32 UNet weights are back before the run renders its samples outside autocast."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        cfg = build_config("dynasyn", overrides=dict(
+            model=str(tiny_model), scene=str(scene2), lora_rank=4, mixed_precision="bf16",
+            device="cpu", phase1_steps=1, phase2_steps=1, sample_prompts=["<asset0>"],
+            sample_steps=2))
+        tr = train(cfg, tmp_path / "run", progress=False)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert not tr.unet_half and tr.unet.conv_in.weight.dtype == torch.float32
+    assert list((tmp_path / "run" / "samples").iterdir())

@@ -256,6 +256,10 @@ def attention_only_copy(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     return prior.requires_grad_(False)
 
 
+HALF_STORED = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+"""The layers :func:`store_weights_as` keeps in half precision (autocast casts their weights)."""
+
+
 def store_weights_as(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Keep the weights of ``module``'s linear and convolution layers in ``dtype``, in place.
 
@@ -266,7 +270,7 @@ def store_weights_as(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mo
     weights. Outside autocast the stored layers need inputs of ``dtype``.
     """
     for m in module.modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)):
+        if isinstance(m, HALF_STORED):
             m.to(dtype)
     return module
 

@@ -51,7 +51,9 @@ class TrainConfig:
     prior_model: str = "frozen"
     # storage of the frozen prior (full phase 2): auto = the mixed-precision dtype (exact under
     # its autocast), float32 without mixed precision; bfloat16 / float16 under fp32 training
-    # run the prior passes in that precision (approximate, about half the prior's memory)
+    # run the prior passes in that precision (approximate, about half the prior's memory).
+    # A run that never trains the UNet (LoRA, embeddings only) under mixed precision keeps
+    # the UNet itself in the autocast dtype when prior_dtype is auto (or that dtype)
     prior_dtype: str = "auto"
     attention_downsample: int | None = None
     # Break-a-Scene's prior preservation (on in its preset; docs/decisions.md): an unmasked

@@ -4,15 +4,18 @@ Nothing is trained, loaded or written: the UNet, text encoder(s) and VAE are bui
 configs on the meta device (no weights, no memory), and every figure is computed from their
 parameter counts and shapes. Per phase:
 
-- **weights**: every parameter in its storage dtype (the trainer keeps fp32 master weights;
-  the UNet, text encoder(s), VAE, the added placeholder rows and, in LoRA mode, the adapters);
+- **weights**: every parameter in its storage dtype: fp32 (the UNet, text encoder(s), VAE,
+  the added placeholder rows and, in LoRA mode, the adapters), except the UNet of a run that
+  never trains it (LoRA, embeddings only) under mixed precision, whose linear and convolution
+  weights are kept in the autocast dtype (``Trainer._store_frozen_unet_half``);
 - **gradients**: 4 bytes per trained parameter;
 - **optimizer**: Adam's two fp32 states, 8 bytes per trained parameter; bitsandbytes' 8-bit
   Adam about 2;
 - **frozen prior** (full phase 2 with L_ICA or L_AUG): the attention-only UNet copy in
   ``prior_dtype`` (the whole UNet and text encoder in fp32 with ``efficient: false``);
-- **half weight copies** (mixed precision without gradient checkpointing): autocast's
-  half-precision copies of the weights, saved for the backward pass, 2 bytes per parameter;
+- **half weight copies** (mixed precision without gradient checkpointing, UNet stored in
+  fp32): autocast's half-precision copies of the UNet's weights, saved for the backward
+  pass, 2 bytes per parameter;
 - **activations**: :func:`activation_bytes`.
 
 The activation term is an estimate (the rest is exact arithmetic on parameter counts): it
@@ -168,15 +171,35 @@ def lora_parameter_count(module: torch.nn.Module, targets: list[str], rank: int)
     return total
 
 
-def prior_copy_params(unet: torch.nn.Module, downsample: int) -> int:
-    """Parameters of the attention-only UNet copy (:func:`dynasyn.attention.attention_only_copy`):
-    the UNet without the up blocks after the last capture layer at latent/``downsample``."""
+def _dropped_up_blocks(unet: torch.nn.Module, downsample: int) -> list[str]:
+    """The up blocks the attention-only copy leaves out (after the last capture layer)."""
     from dynasyn.attention import cross_attention_layers
 
     last = max((int(n.split(".")[1]) for n, f in cross_attention_layers(unet).items()
                 if f == downsample and n.startswith("up_blocks.")), default=-1)
-    return n_params(unet) - sum(n_params(unet.up_blocks[i])
-                                for i in range(last + 1, len(unet.up_blocks)))
+    return [f"up_blocks.{i}." for i in range(last + 1, len(unet.up_blocks))]
+
+
+def prior_copy_params(unet: torch.nn.Module, downsample: int) -> int:
+    """Parameters of the attention-only UNet copy (:func:`dynasyn.attention.attention_only_copy`):
+    the UNet without the up blocks after the last capture layer at latent/``downsample``."""
+    return round(stored_bytes(unet, 4, skip=_dropped_up_blocks(unet, downsample)) / 4)
+
+
+def stored_bytes(module: torch.nn.Module, half_bytes: int, skip: list[str] | None = None
+                 ) -> float:
+    """Bytes of ``module``'s parameters when :func:`~dynasyn.attention.store_weights_as`
+    keeps its linear and convolution layers at ``half_bytes`` a weight (4: not at all) and
+    everything else in fp32; modules named under a ``skip`` prefix left out."""
+    from dynasyn.attention import HALF_STORED
+
+    total = 0.0
+    for name, m in module.named_modules():
+        if skip and any((name + ".").startswith(p) for p in skip):
+            continue
+        per = half_bytes if isinstance(m, HALF_STORED) else 4
+        total += per * sum(p.numel() for p in m.parameters(recurse=False))
+    return total
 
 
 # ---------------------------------------------------------------------- activations
@@ -224,8 +247,9 @@ def activation_bytes(models: Models, resolution: int, batch: int, checkpointing:
     transformers every CLIP layer): those keep only their input (4 bytes per element), plus
     one block's full activations, recomputed in the backward pass; the transformer blocks of
     the capture layers (latent/``capture``) are not checkpointed
-    (:func:`~dynasyn.attention.keep_capture_layers_unchecked`). Under mixed precision,
-    × :data:`MIXED_FACTOR`. ``text_checkpointing``: the text encoders' own (default: ``checkpointing``).
+    (:func:`~dynasyn.attention.keep_capture_layers_unchecked`). Under mixed precision the
+    UNet's part × :data:`MIXED_FACTOR` (the text encoder runs outside autocast, in fp32).
+    ``text_checkpointing``: the text encoders' own (default: ``checkpointing``).
     """
     text_checkpointing = checkpointing if text_checkpointing is None else text_checkpointing
     elem = 4.0  # bytes of a kept input, scaled with the rest under mixed precision
@@ -236,6 +260,8 @@ def activation_bytes(models: Models, resolution: int, batch: int, checkpointing:
         full = _unit_bytes(kind, px, cin, cout)
         largest = max(largest, full)
         kept += px * cin * elem if checkpointing and kind in ("resnet", "tblock") else full
+    unet_part = (kept + largest) * (MIXED_FACTOR if mixed else 1.0)
+    kept = 0.0
     for te in models.text_encoders:
         c = te.config
         act = "quick_gelu" if c.hidden_act == "quick_gelu" else "gelu"
@@ -244,7 +270,7 @@ def activation_bytes(models: Models, resolution: int, batch: int, checkpointing:
             kept += c.num_hidden_layers * TEXT_TOKENS * c.hidden_size * elem + layer
         else:
             kept += c.num_hidden_layers * layer
-    return batch * (kept + largest) * (MIXED_FACTOR if mixed else 1.0)
+    return batch * (unet_part + kept)
 
 
 # ---------------------------------------------------------------------- the estimate
@@ -264,9 +290,15 @@ def estimate_memory(cfg: TrainConfig, n_subjects: int, models: Models | None = N
         t.get_input_embeddings().weight.shape[1] for t in tes)
     emb_params = sum(t.get_input_embeddings().weight.numel() for t in tes) + rows_added * sum(
         t.get_input_embeddings().weight.shape[1] for t in tes)
-    base = 4.0 * (n_params(unet) + te_params + n_params(vae))
+    # the UNet of a run that never trains it, stored in the autocast dtype (prior_dtype auto)
+    autocast = {"fp16": "float16", "bf16": "bfloat16"}.get(cfg.mixed_precision)
+    unet_half = (autocast is not None and (cfg.lora_rank > 0 or cfg.phase2_steps == 0)
+                 and cfg.prior_dtype in ("auto", autocast))
+    base = stored_bytes(unet, 2 if unet_half else 4) + 4.0 * (te_params + n_params(vae))
     opt_per = 2.0 if cfg.use_8bit_adam else 8.0
-    half_copies = 2.0 * (n_params(unet) + te_params) if mixed and not cfg.gradient_checkpointing \
+    # autocast's half copies of the UNet's weights (none when stored half; the text encoder
+    # runs outside autocast), kept for the backward pass unless the blocks are checkpointed
+    half_copies = 2.0 * n_params(unet) if mixed and not (cfg.gradient_checkpointing or unet_half) \
         else 0.0
     notes = [f"{models.kind.upper()} at {resolution} px, batch {cfg.batch_size}, "
              f"{n_subjects} subjects; mixed precision {cfg.mixed_precision}, gradient "
@@ -308,7 +340,8 @@ def estimate_memory(cfg: TrainConfig, n_subjects: int, models: Models | None = N
             prior = 0.0
             if cfg.prior_model == "frozen" and (cfg.lambda_ica > 0 or cfg.lambda_aug > 0):
                 if cfg.efficient:
-                    prior = prior_copy_params(unet, capture) * _dtype_bytes(cfg)
+                    prior = stored_bytes(unet, _dtype_bytes(cfg),
+                                         skip=_dropped_up_blocks(unet, capture))
                 else:
                     prior = 4.0 * (n_params(unet) + te_params)
             phases.append(phase(2, "full", trained, 0.0, prior, cfg.gradient_checkpointing))
@@ -318,12 +351,12 @@ def estimate_memory(cfg: TrainConfig, n_subjects: int, models: Models | None = N
     return MemoryEstimate(cfg.model, resolution, phases, notes)
 
 
-def _dtype_bytes(cfg: TrainConfig) -> float:
+def _dtype_bytes(cfg: TrainConfig) -> int:
     """Bytes per weight of the frozen prior copy (``prior_dtype``; auto follows mixed precision)."""
     name = cfg.prior_dtype
     if name == "auto":
         name = "float32" if cfg.mixed_precision == "no" else "half"
-    return 4.0 if name == "float32" else 2.0
+    return 4 if name == "float32" else 2
 
 
 def format_estimate(est: MemoryEstimate) -> str:

@@ -38,6 +38,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from dynasyn.attention import (
+    HALF_STORED,
     attention_only_copy,
     capturing,
     get_store,
@@ -159,6 +160,7 @@ class Trainer:
         self.vae.to(self.device)
         self.unet.to(self.device)
         self.text_encoder.to(self.device)
+        self.unet_half = self._store_frozen_unet_half()
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             keep_capture_layers_unchecked(self.unet)  # their maps are captured once, exactly
@@ -222,6 +224,37 @@ class Trainer:
                                 progress=self.progress and self.acc.is_local_main_process)
         self.acc.wait_for_everyone()
         return d
+
+    def _store_frozen_unet_half(self) -> bool:
+        """Keep the UNet's linear and convolution weights in the autocast dtype when the run
+        never trains them (LoRA or embeddings only) and ``prior_dtype`` is that dtype (auto).
+
+        The frozen UNet is then the frozen prior itself, and autocast would cast those
+        weights at every call anyway, so every pass computes bit-identical values with about
+        half the UNet's memory. :meth:`_restore_unet_weights` puts the fp32 weights back
+        after training, for sampling outside autocast.
+        """
+        cfg = self.cfg
+        autocast = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+        frozen = cfg.lora_rank > 0 or cfg.phase2_steps == 0
+        if autocast is None or not frozen or self.prior_dtype != autocast:
+            return False
+        store_weights_as(self.unet, autocast)
+        return True
+
+    def _restore_unet_weights(self) -> None:
+        """The base model's fp32 UNet weights back into the layers stored in half precision
+        (read again from the model files: they are exactly the weights the run started from)."""
+        from diffusers import UNet2DConditionModel
+
+        base = UNet2DConditionModel.from_pretrained(self.base_model, subfolder="unet").state_dict()
+        with torch.no_grad():
+            for name, m in self.unet.named_modules():
+                if isinstance(m, HALF_STORED) and "lora_" not in name:
+                    key = name.replace(".base_layer", "")
+                    for pname, p in m.named_parameters(recurse=False):
+                        p.data = base[f"{key}.{pname}"].to(self.device)
+        self.unet_half = False
 
     @torch.no_grad()
     def _encode(self, image: torch.Tensor) -> _Latents:
@@ -674,6 +707,8 @@ class Trainer:
                 ):
                     save_checkpoint(self, s + 1, gstep + 1)
         bar.close()
+        if self.unet_half:
+            self._restore_unet_weights()
         self.unet.eval()
         self.text_encoder.eval()
         if self.acc.is_main_process:
