@@ -24,6 +24,8 @@ TRAIN_EXAMPLES = """examples:
   dynasyn train --out runs/x --resume          # continue a killed run
   dynasyn train photo.jpg --classes cat ball --out runs/y   # masks from the class names (RUN/masks)
   accelerate launch -m dynasyn.cli train scene/ --out runs/x   # several processes/GPUs
+  dynasyn train scene/ --model stabilityai/stable-diffusion-2-1-base --set low_vram=true \\
+      --estimate-memory                        # expected peak GPU memory; add --out RUN to train
 
 presets:
 """ + "\n".join(f"  {k:<18} {v}" for k, v in PRESET_HELP.items())
