@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from dynasyn.segmix import SCALE_RANGE, seg_mix
 from dynasyn.cli import build_parser, main
 from dynasyn.config import build_config
 from dynasyn.generate import generate_images, mean_shifted_latents
@@ -18,6 +17,7 @@ from dynasyn.losses import resize_masks
 from dynasyn.models import load_pipeline
 from dynasyn.sampling import step_generator, step_rng
 from dynasyn.scene import load_scene
+from dynasyn.segmix import SCALE_RANGE, seg_mix
 from dynasyn.train import Trainer, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

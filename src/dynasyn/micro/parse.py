@@ -290,6 +290,8 @@ def parse_subject(
                 if keys[cand][0] != shape:
                     continue
                 region = obs_mask.ravel() & shp[cand]
+                if not region.any():  # no overlap: this pose says nothing about the pattern
+                    continue
                 od = obs_dark.ravel()[region]
                 agree = (pats[cand][:, region] == od[None, :]).mean(axis=1)
                 if agree.max() > best_agree:
