@@ -94,20 +94,21 @@ def test_bad_config_values(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("phase1_steps: 5\nlambda_ica: 0.02\n")
     cfg = build_config("break-a-scene", f, {"phase1_steps": 7})
-    assert (cfg.phase1_steps, cfg.lambda_ica, cfg.phase2_steps, cfg.optimizer) == (7, 0.02, 400,
+    # the file and --set win over the preset; phase 2 keeps the micro recipe's 400 // 7
+    assert (cfg.phase1_steps, cfg.lambda_ica, cfg.phase2_steps, cfg.optimizer) == (7, 0.02, 57,
                                                                                    "adamw")
     with pytest.raises(InputError, match="not a valid int"):
         build_config("dynasyn", overrides={"phase1_steps": "many"})
 
 
-def test_paper_values_are_the_dynasyn_defaults():
+def test_paper_values_are_the_dynasyn_defaults(tmp_path):
     paper = json.loads((Path(__file__).resolve().parents[2] / "shared/data/paper.json")
                        .read_text())["hyperparameters"] if (Path(__file__).resolve().parents[2]
                                                             / "shared/data/paper.json").exists() \
         else None
     if paper is None:
         pytest.skip("../shared not present")
-    cfg = build_config("dynasyn")
+    cfg = build_config("dynasyn", overrides={"model": str(tmp_path)})  # not the micro recipe
     for k in ("phase1_steps", "phase2_steps", "phase1_lr", "phase2_lr", "lambda_md",
               "lambda_m2a", "lambda_ica", "lambda_aug"):
         assert getattr(cfg, k) == paper[k], k
@@ -125,6 +126,19 @@ def test_micro_recipe_applies_on_the_micro_model_only_and_yields_to_explicit_val
     assert (mixed.placeholder_vectors, mixed.placeholder_init) == (2, "class")
     with pytest.raises(InputError, match="placeholder_init must be"):
         build_config("dynasyn", overrides={"placeholder_init": "random"})
+
+
+def test_the_micro_recipe_trains_a_seventh_of_each_presets_steps_with_a_gentle_phase_1(tmp_path):
+    def steps(preset, **ov):
+        c = build_config(preset, overrides={"model": "micro", **ov})
+        return c.phase1_steps, c.phase2_steps, c.phase1_lr, c.phase2_lr
+
+    assert steps("dynasyn") == (100, 100, 5e-5, 2e-6)
+    assert steps("break-a-scene")[:2] == (57, 57)
+    assert steps("dreambooth")[:2] == (0, 200) and steps("textual-inversion")[:2] == (200, 0)
+    assert steps("dynasyn", phase1_steps=700, phase1_lr=5e-4)[:3] == (700, 100, 5e-4)
+    other = build_config("dynasyn", overrides={"model": str(tmp_path)})
+    assert (other.phase1_steps, other.phase2_steps, other.phase1_lr) == (700, 700, 5e-4)
 
 
 def test_train_then_generate_and_refuse_unknown_placeholder(capsys, scene2, tmp_path,

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from dynasyn.errors import InputError
-from dynasyn.presets import MICRO_RECIPE, PRESETS
+from dynasyn.presets import PRESETS, micro_recipe
 
 PRIOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
 """Valid ``prior_dtype`` values."""
@@ -226,7 +226,7 @@ def build_config(
     values.update(PRESETS[preset])
     model = overrides.get("model", file_values.get("model", TrainConfig.model))
     if str(model) == "micro":
-        values.update(MICRO_RECIPE)
+        values.update(micro_recipe(preset))
     values.update(file_values)
     values.update(overrides)
     values["preset"] = preset

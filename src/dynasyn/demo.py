@@ -20,10 +20,10 @@ DEMO_PROMPTS = {
     "interaction": ["a <asset0> is on top of a <asset1>", "a <asset0> is inside a <asset1>",
                     "a <asset1> is next to a <asset0>"],
 }
-DEMO_SCALE = dict(phase1_steps=100, phase2_steps=100, phase2_lr=5e-6)
-"""The demo's schedule; on the micro model the micro recipe adds phrase-initialized placeholders
-and prompts without "a photo of" (dynasyn.presets.MICRO_RECIPE). Phase-2 lr 5e-6 kept identity
-best at this scale on the tuning scenes (docs/recipe.md)."""
+DEMO_SCALE = dict(phase1_steps=100, phase2_steps=100)
+"""The demo's schedule (on the micro model it is the micro recipe's own: phrase-initialized
+placeholders, no "a photo of", phase-1 lr 5e-5, 100 + 100 steps; dynasyn.presets.MICRO_RECIPE
+and docs/recipe.md)."""
 
 
 def labelled_grid(rows: list[tuple[str, list[Image.Image]]], scale: int = 2) -> Image.Image:

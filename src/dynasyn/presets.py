@@ -73,14 +73,29 @@ PRESETS: dict[str, dict[str, Any]] = {
     "md+act": dict(_PAPER, lambda_ica=0.0),
 }
 
-MICRO_RECIPE: dict[str, Any] = dict(placeholder_vectors=0, placeholder_init="phrase", prompt_prefix="")
+MICRO_RECIPE: dict[str, Any] = dict(placeholder_vectors=0, placeholder_init="phrase",
+                                     prompt_prefix="", phase1_lr=5e-5)
 """Defaults every preset takes on the bundled micro model (a config file or ``--set`` still
-override them): each placeholder starts as its subject's noun phrase, one vector per word, and
-the training prompts have no "a photo of" (the micro model's captions never do). Measured
-(docs/recipe.md): on two tuning scenes at demo scale, exact identity in action images rose
-from 8 % (one class-noun vector) to 45-58 % (text ceiling 53 %) and colour mixing fell from
-45 % to 0; on two held-out scenes (two seeds) identity in action images rose from 16 % to 28 %
-(ceiling 47 %), but over all prompts it is 15 % against 17 % (ceiling 30 %): no overall gain."""
+override them): each placeholder starts as its subject's noun phrase, one vector per word, the
+training prompts have no "a photo of" (the micro model's captions never do), and phase 1 moves
+the embeddings gently (lr 5e-5 instead of 5e-4); with :func:`micro_recipe` also a seventh of
+the preset's steps (the paper's 700 + 700 -> 100 + 100). Measured (docs/recipe.md): the
+paper's phase-1 lr pulls phrase-initialized placeholders away from what the words mean;
+with 5e-5 the `dynasyn` preset keeps identity at the text ceiling's level on the tuning
+scenes (69 of 128 subject images against 73 for the ceiling, 49 for lr 5e-4) and on the
+held-out scenes (see the docs for the numbers)."""
+
+MICRO_STEP_DIVISOR = 7
+"""The micro model trains a seventh of each preset's phase steps (700 -> 100)."""
+
+
+def micro_recipe(preset: str) -> dict[str, Any]:
+    """:data:`MICRO_RECIPE` plus the preset's phase steps divided by
+    :data:`MICRO_STEP_DIVISOR` (DB and TI keep their one phase)."""
+    p = PRESETS[preset]
+    return dict(MICRO_RECIPE, phase1_steps=p["phase1_steps"] // MICRO_STEP_DIVISOR,
+                phase2_steps=p["phase2_steps"] // MICRO_STEP_DIVISOR)
+
 
 PRESET_HELP = {
     "dynasyn": "the paper: MD + M2A + ICA + AUG, Table 4 values (700 + 700 steps, Adam)",
