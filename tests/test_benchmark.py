@@ -328,6 +328,19 @@ def test_a_rerun_with_other_settings_is_refused(bench_copy, bench_args):
     assert [c["status"] for c in res["cells"]] == ["done"]
 
 
+def test_a_benchmark_from_before_an_augment_option_existed_resumes_at_its_default():
+    from dataclasses import asdict
+
+    from dynasyn.augment.pipeline import AugmentConfig
+    from dynasyn.evaluate.benchmark import _jsonable, _same_augment
+
+    new = _jsonable(asdict(AugmentConfig(model="micro", num_prompts=8)))
+    old = {k: v for k, v in new.items() if k != "gsa_sampler"}  # written before the option
+    assert _same_augment(new, old) and _same_augment(None, old) and _same_augment(new, None)
+    assert not _same_augment(dict(new, gsa_sampler="sde"), old)  # not the default: other items
+    assert not _same_augment(dict(new, num_prompts=9), dict(new))
+
+
 # ------------------------------------------------------------------------------ tables
 
 

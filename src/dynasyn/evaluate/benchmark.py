@@ -47,7 +47,7 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -374,6 +374,18 @@ def _settings(model: str, train_overrides: dict[str, Any], eval_kwargs: dict[str
     })
 
 
+def _same_augment(new: dict[str, Any] | None, old: dict[str, Any] | None) -> bool:
+    """Whether two recorded augmentation settings make the same items. ``None`` (this call
+    augments nothing) matches anything; an option the older record lacks (added to the
+    project after it was written) matches when the new value is that option's default."""
+    if new is None or old is None:
+        return True
+    defaults = {f.name: f.default for f in fields(AugmentConfig)}
+    new = {k: v for k, v in new.items()
+           if k in old or k not in defaults or v != _jsonable(defaults[k])}
+    return new == old
+
+
 def _check_out(out: Path, settings: dict[str, Any], scenes: dict[str, Path]) -> dict[str, Any]:
     """Refuse an unusable output directory; return the manifest to write."""
     manifest: dict[str, Any] = {"version": 1, "settings": settings, "scenes": {}}
@@ -389,8 +401,9 @@ def _check_out(out: Path, settings: dict[str, Any], scenes: dict[str, Path]) -> 
         except (OSError, ValueError):
             raise InputError(f"{f} is unreadable; choose another --out") from None
         before = old.get("settings") or {}
-        diff = [k for k in ("model", "train", "evaluate", "augment") if settings.get(k) !=
-                before.get(k) and not (k == "augment" and None in (settings[k], before.get(k)))]
+        diff = [k for k in ("model", "train", "evaluate") if settings.get(k) != before.get(k)]
+        if not _same_augment(settings["augment"], before.get("augment")):
+            diff.append("augment")
         if diff:
             raise InputError(
                 f"{out} holds a benchmark with other {'/'.join(diff)} settings; rerun it with "
