@@ -13,9 +13,9 @@ parameter counts and shapes. Per phase:
   Adam about 2;
 - **frozen prior** (full phase 2 with L_ICA or L_AUG): the attention-only UNet copy in
   ``prior_dtype`` (the whole UNet and text encoder in fp32 with ``efficient: false``);
-- **half weight copies** (mixed precision without gradient checkpointing, UNet stored in
-  fp32): autocast's half-precision copies of the UNet's weights, saved for the backward
-  pass, 2 bytes per parameter;
+- **half weight copies** (mixed precision, UNet stored in fp32): autocast's half-precision
+  copies of the UNet's weights that the backward pass keeps, 2 bytes per parameter of every
+  block that is not checkpointed (with checkpointing: the capture layers' blocks);
 - **activations**: :func:`activation_bytes`.
 
 The activation term is an estimate (the rest is exact arithmetic on parameter counts): it
@@ -186,6 +186,16 @@ def prior_copy_params(unet: torch.nn.Module, downsample: int) -> int:
     return round(stored_bytes(unet, 4, skip=_dropped_up_blocks(unet, downsample)) / 4)
 
 
+def capture_block_params(unet: Any, capture: int) -> int:
+    """Parameters of the transformer models that hold the capture layers (at latent/``capture``;
+    never checkpointed: :func:`~dynasyn.attention.keep_capture_layers_unchecked`)."""
+    n = len(unet.config.block_out_channels)
+    blocks = ([(2**i, b) for i, b in enumerate(unet.down_blocks)]
+              + [(2 ** (n - 1 - i), b) for i, b in enumerate(unet.up_blocks)])
+    return sum(n_params(a) for f, b in blocks if f == capture
+               for a in getattr(b, "attentions", None) or [])
+
+
 def stored_bytes(module: torch.nn.Module, half_bytes: int, skip: list[str] | None = None
                  ) -> float:
     """Bytes of ``module``'s parameters when :func:`~dynasyn.attention.store_weights_as`
@@ -273,6 +283,91 @@ def activation_bytes(models: Models, resolution: int, batch: int, checkpointing:
     return batch * (unet_part + kept)
 
 
+# ---------------------------------------------------------------------- a CPU check
+class LiveTensors:
+    """Count the bytes of the tensors that ops create, while they are alive, and their peak.
+
+    A ``TorchDispatchMode``: every op output's storage is counted once, until the last tensor
+    on it is gone; storages that existed before (parameters, inputs) are not counted. This is
+    what a GPU allocator would have to hold for the pass (without its rounding), measured on
+    the CPU: the check of :func:`activation_bytes` (``benchmarks/activation_memory.py``).
+    """
+
+    def __init__(self, exclude: list[torch.Tensor]):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self.count: dict[int, int] = {}
+        self.size: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tracker._track(out)
+                return out
+
+        self.mode = _Mode()
+
+    def _track(self, out: Any) -> None:
+        import weakref
+
+        from torch.utils._pytree import tree_flatten
+
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key == 0 or key in self.exclude:
+                continue
+            if key not in self.count:
+                self.count[key] = 0
+                self.size[key] = storage.nbytes()
+                self.current += storage.nbytes()
+                self.peak = max(self.peak, self.current)
+            self.count[key] += 1
+            weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.count[key] -= 1
+        if self.count[key] == 0:
+            del self.count[key]
+            self.current -= self.size.pop(key)
+
+    def __enter__(self) -> LiveTensors:
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.mode.__exit__(*exc)
+
+
+def measure_unet_pass(unet: Any, resolution: int, mixed: bool, vae_factor: int = 8) -> int:
+    """Peak bytes of the tensors one training pass of ``unet`` creates (forward, a mean-square
+    loss, backward; one image, 77 text tokens that need a gradient, bf16 autocast when
+    ``mixed``), on the CPU. Configure the UNet as the trainer does first (capture
+    processors, checkpointing, weight storage)."""
+    side = resolution // vae_factor
+    torch.manual_seed(0)
+    z = torch.randn(1, unet.config.in_channels, side, side)
+    enc = torch.randn(1, TEXT_TOKENS, unet.config.cross_attention_dim, requires_grad=True)
+    added = None
+    if unet.config.addition_embed_type == "text_time":
+        cfg = unet.config
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(1, pooled), "time_ids": torch.randn(1, 6)}
+    live = LiveTensors(list(unet.parameters()) + [z, enc])
+    with live, torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+        loss = unet(z, torch.tensor([500]), enc, added_cond_kwargs=added).sample.float()
+        loss = loss.square().mean()
+    with live:
+        loss.backward()
+    return live.peak
+
+
 # ---------------------------------------------------------------------- the estimate
 def estimate_memory(cfg: TrainConfig, n_subjects: int, models: Models | None = None
                     ) -> MemoryEstimate:
@@ -296,18 +391,21 @@ def estimate_memory(cfg: TrainConfig, n_subjects: int, models: Models | None = N
                  and cfg.prior_dtype in ("auto", autocast))
     base = stored_bytes(unet, 2 if unet_half else 4) + 4.0 * (te_params + n_params(vae))
     opt_per = 2.0 if cfg.use_8bit_adam else 8.0
-    # autocast's half copies of the UNet's weights (none when stored half; the text encoder
-    # runs outside autocast), kept for the backward pass unless the blocks are checkpointed
-    half_copies = 2.0 * n_params(unet) if mixed and not (cfg.gradient_checkpointing or unet_half) \
-        else 0.0
-    notes = [f"{models.kind.upper()} at {resolution} px, batch {cfg.batch_size}, "
-             f"{n_subjects} subjects; mixed precision {cfg.mixed_precision}, gradient "
-             f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, "
-             f"{'8-bit Adam' if cfg.use_8bit_adam else 'Adam (fp32 states)'}"]
     try:
         capture = resolve_downsample(unet, cfg.attention_downsample)
     except ValueError as e:
         raise InputError(str(e)) from None
+    # autocast's half copies of the UNet's weights (none when it is stored half; the text
+    # encoder runs outside autocast), kept for the backward pass by every block that is not
+    # checkpointed
+    half_copies = 0.0
+    if mixed and not unet_half:
+        half_copies = 2.0 * (capture_block_params(unet, capture) if cfg.gradient_checkpointing
+                             else n_params(unet))
+    notes = [f"{models.kind.upper()} at {resolution} px, batch {cfg.batch_size}, "
+             f"{n_subjects} subjects; mixed precision {cfg.mixed_precision}, gradient "
+             f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, "
+             f"{'8-bit Adam' if cfg.use_8bit_adam else 'Adam (fp32 states)'}"]
     graphs = cfg.batch_size
     if not cfg.efficient:  # one backward: the L_AUG and prior-preservation graphs stay alive too
         graphs += int(cfg.lambda_aug > 0 and bool(cfg.augmented)) + int(cfg.prior_preservation)
