@@ -18,9 +18,10 @@ parameter counts and shapes. Per phase:
   block that is not checkpointed (with checkpointing: the capture layers' blocks);
 - **activations**: :func:`activation_bytes`.
 
-The activation term is an estimate (the rest is exact arithmetic on parameter counts): it
-counts what autograd saves per diffusers block, with per-element coefficients counted on CPU
-(docs/low-vram.md), and leaves out the CUDA context, the allocator's fragmentation and cuDNN
+The activation term is an estimate (the rest is arithmetic on parameter counts): it counts
+what autograd saves per diffusers block, with per-element coefficients counted on the CPU, and
+is checked against :class:`LiveTensors`, a CPU count of the tensors a training pass keeps
+alive (docs/low-vram.md). Left out: the CUDA context, the allocator's fragmentation, cuDNN
 workspaces.
 """
 
@@ -41,7 +42,7 @@ GiB = 1024**3
 
 # Bytes autograd saves per element of a block's tensors in fp32, counted with
 # torch.autograd.graph.saved_tensors_hooks on diffusers' blocks and transformers' CLIP layer
-# (docs/low-vram.md, "The activation formula").
+# (docs/low-vram.md, "The estimate"; checked against LiveTensors below).
 RESNET_IN = 8.0    # per element of a ResnetBlock2D's input
 RESNET_OUT = 12.0  # per element of its output
 TBLOCK = 97.0      # per element of a BasicTransformerBlock's input (SDPA attention)
@@ -178,12 +179,6 @@ def _dropped_up_blocks(unet: torch.nn.Module, downsample: int) -> list[str]:
     last = max((int(n.split(".")[1]) for n, f in cross_attention_layers(unet).items()
                 if f == downsample and n.startswith("up_blocks.")), default=-1)
     return [f"up_blocks.{i}." for i in range(last + 1, len(unet.up_blocks))]
-
-
-def prior_copy_params(unet: torch.nn.Module, downsample: int) -> int:
-    """Parameters of the attention-only UNet copy (:func:`dynasyn.attention.attention_only_copy`):
-    the UNet without the up blocks after the last capture layer at latent/``downsample``."""
-    return round(stored_bytes(unet, 4, skip=_dropped_up_blocks(unet, downsample)) / 4)
 
 
 def capture_block_params(unet: Any, capture: int) -> int:
