@@ -59,8 +59,6 @@ def test_bad_input_is_refused_before_anything_is_written(setup, tmp_path):
            *common, "--boxes", "0,0,30,64", "30,0,70,64")
     _fails(tmp_path, "layout does not match the model", str(scene), "<asset0> is jumping",
            "--model", str(model), "--weights", str(other))
-    _fails(tmp_path, "no DynamicID weights are bundled yet", str(scene), "<asset0> is jumping",
-           "--model", "micro")
     _fails(tmp_path, "one reference per subject", str(scene), "<asset0> is jumping", *common,
            "--refs", str(scene / "img.png"))
 
@@ -84,3 +82,29 @@ def test_zeroshot_writes_images_like_generate(setup, tmp_path):
                      "asset0-is-on-top-of-asset1_grid.png", "zeroshot.json"]
     info = json.loads((out / "zeroshot.json").read_text())
     assert info["boxes"] == "auto" and info["n"] == 2 and info["seconds_per_image"] > 0
+
+
+def test_micro_without_bundled_weights_says_how_to_train_them(setup, tmp_path, monkeypatch):
+    import dynasyn.dynamicid.train as T
+
+    monkeypatch.setattr(T, "default_out", lambda: tmp_path / "not-bundled")
+    _fails(tmp_path, "no DynamicID weights are bundled", str(setup[4]), "<asset0> is jumping",
+           "--model", "micro")
+
+
+def test_the_bundled_weights_personalize_an_example_with_no_flags(tmp_path):
+    """The fresh-clone path: the bundled weights on the bundled micro model."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from dynasyn.dynamicid.train import default_out
+
+    info = json.loads((default_out() / "dynamicid.json").read_text())
+    assert info["format"] == "dynasyn-dynamicid" and info["cross_attention_dim"] == 48
+    scene = Path(__file__).resolve().parents[1] / "examples" / "star_ball"
+    out = tmp_path / "out"
+    assert run(_args(str(scene), "<asset0> is sleeping", "-n", "1", "--steps", "2",
+                     "--out", str(out), "--no-progress")) == 0
+    img = Image.open(out / "asset0-is-sleeping_0.png")
+    assert img.size == (64, 64)
