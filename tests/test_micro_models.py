@@ -262,8 +262,11 @@ def test_bundled_micro_model_loads_offline_and_samples(monkeypatch) -> None:
     assert img.shape == (64, 64, 3) and np.isfinite(img).all()
     clip = CLIPModel.from_pretrained(micro_model_path().parent / "clip")
     assert clip.config.text_config.vocab_size == 49408
-    total = sum(f.stat().st_size for f in micro_model_path().parent.rglob("*") if f.is_file())
-    assert total <= 25 * 2**20
+    weights = micro_model_path().parent
+    sizes = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+             for d in weights.iterdir() if d.is_dir()}
+    assert sizes["sd"] + sizes["clip"] <= 25 * 2**20, sizes  # the micro model: SD + CLIP
+    assert sizes.get("dynamicid", 0) <= 10 * 10**6, sizes  # the zero-shot adapter, on its own
 
 
 @pytest.mark.skipif(not _BUNDLED.exists(), reason="the micro model is not bundled yet")
