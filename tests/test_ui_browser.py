@@ -91,6 +91,21 @@ def server(tmp_path):
         log.close()
 
 
+def _type_number(page, box, value: str) -> None:
+    """Type into a Gradio Number. A freshly shown tab may re-render its inputs once (seen on
+    a loaded CPU) and lose what was typed before, so type again until the value holds;
+    Gradio takes a Number's value when it loses focus (Tab)."""
+    from playwright.sync_api import expect
+
+    for _ in range(10):
+        box.fill(value)
+        box.press("Tab")
+        if box.input_value() == value:
+            break
+        page.wait_for_timeout(1000)
+    expect(box).to_have_value(value)
+
+
 def _shot(page, folder: Path, name: str) -> None:
     """A small screenshot: the whole page, halved and palette-quantized."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -148,8 +163,7 @@ def test_browser_flow(server, tmp_path):
 
         # augmentation: two items, their contact sheets
         page.get_by_role("tab", name="2. Augment").click()
-        page.locator("#augment-items input").fill("2")
-        page.locator("#augment-items input").press("Tab")
+        _type_number(page, page.locator("#augment-items input"), "2")
         page.locator("#augment").click()
         expect(page.locator("#augment-msg")).to_contain_text("2 augmented items",
                                                              timeout=LONG_MS)
@@ -159,10 +173,7 @@ def test_browser_flow(server, tmp_path):
         # training: 2 + 2 steps, a sample and a checkpoint every 2, live loss plot
         page.get_by_role("tab", name="3. Train").click()
         for field, value in (("#phase1", "2"), ("#phase2", "2"), ("#every", "2")):
-            box = page.locator(f"{field} input")
-            box.fill(value)
-            box.press("Tab")  # Gradio takes a Number's value when it loses focus
-            expect(box).to_have_value(value)
+            _type_number(page, page.locator(f"{field} input"), value)
         page.locator("#train").click()
         expect(page.locator("#train-msg")).to_contain_text("trained: step 4 / 4",
                                                            timeout=LONG_MS)
@@ -172,8 +183,7 @@ def test_browser_flow(server, tmp_path):
 
         # generation: the gallery fills
         page.get_by_role("tab", name="4. Generate").click()
-        page.locator("#gen-steps input[type=number]").fill("10")
-        page.locator("#gen-steps input[type=number]").press("Tab")
+        _type_number(page, page.locator("#gen-steps input[type=number]"), "10")
         page.locator("#generate").click()
         expect(page.locator("#generate-msg")).to_contain_text("2 images", timeout=LONG_MS)
         expect(page.locator("#gallery img").first).to_be_visible()
