@@ -54,7 +54,7 @@ def _trainer(model, scene, aug, out, phase, **kw) -> Trainer:
         rows = tr.embedding[tr.orig_vocab:]
         g = torch.Generator().manual_seed(7)
         rows.copy_(torch.randn(rows.shape, generator=g) * tr.embedding[: tr.orig_vocab].std())
-    tr.orig_rows = tr.embedding[: tr.orig_vocab].detach().clone()
+    tr.keep_original_rows()
     tr._setup_phase(phase)
     return tr
 

@@ -124,7 +124,7 @@ def test_checkpointing_keeps_losses_and_gradients_of_full_phase_2(tiny_model, sc
         cfg = build_config("dynasyn", overrides=dict(
             model=str(tiny_model), scene=str(scene2), gradient_checkpointing=ckpt, device="cpu"))
         tr = Trainer(cfg, tmp_path / f"r{ckpt}", progress=False)
-        tr.orig_rows = tr.embedding[:49408].detach().clone()
+        tr.keep_original_rows()
         tr._setup_phase(2)
         logs = tr.compute_gradients(0)
         out[ckpt] = (logs, [p.grad.clone() for p in tr.params if p.grad is not None])
@@ -160,7 +160,7 @@ def test_fp16_gradient_scaler_is_unscaled_before_clipping_and_step(tiny_model, s
         cfg = build_config("dynasyn", overrides=dict(model=str(tiny_model), scene=str(scene2),
                                                      device="cpu"))
         tr = Trainer(cfg, tmp_path / f"r{scale}", progress=False)
-        tr.orig_rows = tr.embedding[: tr.orig_vocab].detach().clone()
+        tr.keep_original_rows()
         tr._setup_phase(2)
         if scale is not None:
             tr.acc.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
@@ -191,7 +191,7 @@ def test_lora_under_mixed_precision_stores_the_frozen_unet_half_exactly(tiny_mod
                 model=str(tiny_model), scene=str(scene2), lora_rank=4, mixed_precision="bf16",
                 prior_dtype=dt, device="cpu", phase1_steps=1, phase2_steps=1))
             tr = Trainer(cfg, tmp_path / dt, progress=False)
-            tr.orig_rows = tr.embedding[: tr.orig_vocab].detach().clone()
+            tr.keep_original_rows()
             steps = []
             for phase in (1, 2):
                 tr._setup_phase(phase)

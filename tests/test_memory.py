@@ -47,7 +47,7 @@ def test_known_configs_build_the_published_parameter_counts():
 def _trainer_params(cfg, out, phase):
     tr = Trainer(cfg, out, progress=False)
     weights = sum(n_params(m) for m in (tr.unet, tr.text_encoder, tr.vae))
-    tr.orig_rows = tr.embedding[: tr.orig_vocab].detach().clone()
+    tr.keep_original_rows()
     tr._setup_phase(phase)
     return tr, weights, sum(p.numel() for p in tr.params)
 

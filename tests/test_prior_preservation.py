@@ -69,7 +69,7 @@ def _phase2(model, scene, out, **kw):
         model=str(model), scene=str(scene), phase1_steps=1, phase2_steps=1, num_class_images=2,
         **kw))
     tr = Trainer(cfg, out, progress=False)
-    tr.orig_rows = tr.embedding[: tr.orig_vocab].detach().clone()
+    tr.keep_original_rows()
     tr._setup_phase(2)
     return tr
 

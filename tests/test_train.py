@@ -41,7 +41,7 @@ def _same_state(a: torch.nn.Module, b: torch.nn.Module, skip: str | None = None)
 
 def _phase2_gradients(cfg, out, steps=2):
     tr = Trainer(cfg, out, progress=False)
-    tr.orig_rows = tr.embedding[:49408].detach().clone()
+    tr.keep_original_rows()
     tr._setup_phase(2)
     for s in range(steps):
         tr.optimizer.zero_grad(set_to_none=True)
@@ -224,7 +224,7 @@ def test_aug_loss_alone_trains_placeholders_from_augmented_items(tiny_model, sce
                lambda_m2a=0.0, lambda_ica=0.0, lambda_aug=1.0, augmented=aug)
     tr = Trainer(cfg, tmp_path / "run", progress=False)
     assert len(tr.aug) == 2 and tr.aug[0].masks.shape == (2, 64, 64)
-    tr.orig_rows = tr.embedding[:49408].detach().clone()
+    tr.keep_original_rows()
     tr._setup_phase(1)
     before = tr.embedding[49408:].detach().clone()
     logs = tr.step(0)
@@ -277,7 +277,7 @@ def test_efficient_step_has_the_same_losses_and_gradients(phase, tiny_model, sce
     for efficient in (True, False):
         cfg = _cfg(tiny_model, scene4, augmented=aug, efficient=efficient, lambda_aug=0.1)
         tr = Trainer(cfg, tmp_path / f"run{efficient}", progress=False)
-        tr.orig_rows = tr.embedding[:49408].detach().clone()
+        tr.keep_original_rows()
         tr._setup_phase(phase)
         if phase == 2 and efficient:  # the prior: no text-encoder copy, a partial UNet copy
             assert tr.prior_te is None

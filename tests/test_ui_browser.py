@@ -91,19 +91,24 @@ def server(tmp_path):
         log.close()
 
 
-def _type_number(page, box, value: str) -> None:
-    """Type into a Gradio Number. A freshly shown tab may re-render its inputs once (seen on
-    a loaded CPU) and lose what was typed before, so type again until the value holds;
-    Gradio takes a Number's value when it loses focus (Tab)."""
+def _fill_numbers(page, values: dict[str, str]) -> None:
+    """Type into Gradio Numbers (selector -> value). A freshly shown tab may re-render its
+    inputs (seen on a loaded CPU) and lose what was typed, even a moment after it showed; so
+    type all of them, wait a second, and type again until every value has held through the
+    wait. Gradio takes a Number's value when it loses focus (Tab)."""
     from playwright.sync_api import expect
 
     for _ in range(10):
-        box.fill(value)
-        box.press("Tab")
-        if box.input_value() == value:
-            break
+        for selector, value in values.items():
+            box = page.locator(selector)
+            if box.input_value() != value:
+                box.fill(value)
+                box.press("Tab")
         page.wait_for_timeout(1000)
-    expect(box).to_have_value(value)
+        if all(page.locator(s).input_value() == v for s, v in values.items()):
+            break
+    for selector, value in values.items():
+        expect(page.locator(selector)).to_have_value(value)
 
 
 def _shot(page, folder: Path, name: str) -> None:
@@ -163,7 +168,7 @@ def test_browser_flow(server, tmp_path):
 
         # augmentation: two items, their contact sheets
         page.get_by_role("tab", name="2. Augment").click()
-        _type_number(page, page.locator("#augment-items input"), "2")
+        _fill_numbers(page, {"#augment-items input": "2"})
         page.locator("#augment").click()
         expect(page.locator("#augment-msg")).to_contain_text("2 augmented items",
                                                              timeout=LONG_MS)
@@ -172,8 +177,7 @@ def test_browser_flow(server, tmp_path):
 
         # training: 2 + 2 steps, a sample and a checkpoint every 2, live loss plot
         page.get_by_role("tab", name="3. Train").click()
-        for field, value in (("#phase1", "2"), ("#phase2", "2"), ("#every", "2")):
-            _type_number(page, page.locator(f"{field} input"), value)
+        _fill_numbers(page, {"#phase1 input": "2", "#phase2 input": "2", "#every input": "2"})
         page.locator("#train").click()
         expect(page.locator("#train-msg")).to_contain_text("trained: step 4 / 4",
                                                            timeout=LONG_MS)
@@ -183,7 +187,7 @@ def test_browser_flow(server, tmp_path):
 
         # generation: the gallery fills
         page.get_by_role("tab", name="4. Generate").click()
-        _type_number(page, page.locator("#gen-steps input[type=number]"), "10")
+        _fill_numbers(page, {"#gen-steps input[type=number]": "10"})
         page.locator("#generate").click()
         expect(page.locator("#generate-msg")).to_contain_text("2 images", timeout=LONG_MS)
         expect(page.locator("#gallery img").first).to_be_visible()

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from dynasyn.atomic import atomic_file
 from dynasyn.errors import InputError
-from dynasyn.rundir import EMBEDS, LORA_FILE, RUN_INFO, read_run
+from dynasyn.rundir import EMBEDS, EMBEDS_2, LORA_FILE, RUN_INFO, read_run
 from dynasyn.tokens import placeholders_in
 
 __all__ = ["EMBEDS", "LORA_FILE", "RUN_INFO", "check_placeholders", "draw_caption",
@@ -24,29 +24,47 @@ __all__ = ["EMBEDS", "LORA_FILE", "RUN_INFO", "check_placeholders", "draw_captio
 
 def load_run(run: str | Path, model: str | None = None, device: str = "auto",
              dtype: torch.dtype = torch.float32):
-    """A StableDiffusionPipeline with the run's weights, loaded through stock diffusers calls.
+    """A StableDiffusionPipeline (SDXL runs: StableDiffusionXLPipeline) with the run's
+    weights, loaded through stock diffusers calls.
 
-    Full mode: the base pipeline with ``unet/`` and ``text_encoder/`` replaced; LoRA mode:
-    ``pipe.load_lora_weights(run)``; always: ``pipe.load_textual_inversion`` of the learned
-    placeholder embeddings. The sampler is DDIM. Works from any working directory: the run's
-    files are read from ``run``, the base model is ``micro``, a hub id or an absolute path.
+    Full mode: the base pipeline with ``unet/`` and ``text_encoder/`` (SDXL: also
+    ``text_encoder_2/``) replaced; LoRA mode: ``pipe.load_lora_weights(run)``; always:
+    ``pipe.load_textual_inversion`` of the learned placeholder embeddings (SDXL: once per
+    text encoder, with its tokenizer, as diffusers documents for SDXL embeddings). The
+    sampler is DDIM. Works from any working directory: the run's files are read from
+    ``run``, the base model is ``micro``, a hub id or an absolute path.
     """
     from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from dynasyn.models import load_pipeline, pick_device
+    from dynasyn.sdxl import is_xl
 
     run = Path(run)
     info = read_run(run)
     pipe = load_pipeline(model or info["base_model"], dtype=dtype)
+    xl = is_xl(pipe)
+    if xl != (info.get("architecture", "sd") == "sdxl"):
+        raise InputError(f"{run} was trained on {'an SD' if xl else 'an SDXL'} model; pass "
+                         f"--model with its base model ({info['base_model']})")
     if info["mode"] == "full":
         pipe.unet = UNet2DConditionModel.from_pretrained(run / "unet", dtype=dtype)
         if (run / "text_encoder").is_dir():
             pipe.text_encoder = CLIPTextModel.from_pretrained(run / "text_encoder", dtype=dtype)
+        if xl and (run / "text_encoder_2").is_dir():
+            pipe.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                run / "text_encoder_2", dtype=dtype)
     elif info["mode"] == "lora":
         pipe.load_lora_weights(str(run), weight_name=LORA_FILE)
     embeds = load_file(str(run / EMBEDS))
-    pipe.load_textual_inversion(list(embeds.values()), token=list(embeds.keys()))
+    if xl:
+        embeds_2 = load_file(str(run / EMBEDS_2))
+        pipe.load_textual_inversion(list(embeds.values()), token=list(embeds.keys()),
+                                    text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(list(embeds_2.values()), token=list(embeds_2.keys()),
+                                    text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    else:
+        pipe.load_textual_inversion(list(embeds.values()), token=list(embeds.keys()))
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(pick_device(device))

@@ -66,20 +66,28 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32):
-    """Load a StableDiffusionPipeline (SD 1.x / 2.x layouts, epsilon or v-prediction)."""
-    from diffusers import StableDiffusionPipeline
+def pipeline_class(path: str):
+    """``StableDiffusionXLPipeline`` when the model's ``model_index.json`` names an SDXL
+    pipeline, else ``StableDiffusionPipeline``."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    try:
+        name = DiffusionPipeline.load_config(path).get("_class_name", "")
+    except (OSError, ValueError):
+        name = ""
+    return StableDiffusionXLPipeline if "XL" in name else StableDiffusionPipeline
+
+
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32):
+    """Load a StableDiffusionPipeline (SD 1.x / 2.x layouts, epsilon or v-prediction) or a
+    StableDiffusionXLPipeline (SDXL: two text encoders), as the model's index names."""
     quiet_libraries()
     path = resolve_model(model)
+    cls = pipeline_class(path)
+    extra = {} if "XL" in cls.__name__ else dict(safety_checker=None,
+                                                 requires_safety_checker=False)
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            path,
-            dtype=dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
-            use_safetensors=True,
-        )
+        return cls.from_pretrained(path, dtype=dtype, use_safetensors=True, **extra)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(

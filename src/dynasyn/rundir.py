@@ -9,7 +9,9 @@ Layout::
       logs/losses.jsonl                  one JSON line per logged step
       checkpoints/step-NNNNNN/           resumable checkpoints (--checkpoint-every)
       learned_embeds.safetensors         the placeholder embeddings (every mode)
-      unet/, text_encoder/               full phase 2: the fine-tuned modules (diffusers format)
+      learned_embeds_2.safetensors       SDXL: their rows in the second text encoder
+      unet/, text_encoder/               full phase 2: the fine-tuned modules (diffusers format;
+        text_encoder_2/                  SDXL: also the second text encoder)
       pytorch_lora_weights.safetensors   LoRA phase 2: the adapters
       samples/                           renders of ``sample_prompts`` (when set)
       run.json                           written last: its presence marks a finished run
@@ -49,6 +51,7 @@ __all__ = [
     "CHECKPOINTS",
     "CONFIG",
     "EMBEDS",
+    "EMBEDS_2",
     "LORA_FILE",
     "LOSS_LOG",
     "RUN_INFO",
@@ -73,6 +76,8 @@ __all__ = [
 
 RUN_INFO = "run.json"
 EMBEDS = "learned_embeds.safetensors"
+EMBEDS_2 = "learned_embeds_2.safetensors"
+"""SDXL runs: the placeholders' rows in the second text encoder (same keys as EMBEDS)."""
 LORA_FILE = "pytorch_lora_weights.safetensors"
 CONFIG = "config.yaml"
 SCENE_DIR = "scene"
@@ -231,36 +236,52 @@ def append_log(run: str | Path, record: dict[str, Any]) -> None:
 def _trained_weights(trainer: Trainer) -> dict[str, dict[str, torch.Tensor]]:
     """The weight groups the current phase trains (what a checkpoint must hold)."""
     w = {"placeholders": {"rows": trainer.embedding[trainer.orig_vocab :].detach()}}
+    if trainer.xl:
+        w["placeholders"]["rows_2"] = trainer.embeddings[1][trainer.orig_vocab :].detach()
     if trainer.phase == 2:
+        names = _text_encoder_names(trainer)
         if trainer.lora:
             from peft.utils import get_peft_model_state_dict
 
             w["unet_lora"] = get_peft_model_state_dict(trainer.unet)
             if trainer.cfg.train_text_encoder:
-                w["text_encoder_lora"] = get_peft_model_state_dict(
-                    trainer.text_encoder, save_embedding_layers=False)
+                for name, te in names.items():
+                    w[f"{name}_lora"] = get_peft_model_state_dict(te, save_embedding_layers=False)
         else:
             w["unet"] = trainer.unet.state_dict()
             if trainer.cfg.train_text_encoder:
-                w["text_encoder"] = trainer.text_encoder.state_dict()
+                for name, te in names.items():
+                    w[name] = te.state_dict()
     return w
+
+
+def _text_encoder_names(trainer: Trainer) -> dict[str, Any]:
+    """``{"text_encoder": …}``, with SDXL's ``"text_encoder_2"``: the folder / key names."""
+    names = {"text_encoder": trainer.text_encoder}
+    if trainer.xl:
+        names["text_encoder_2"] = trainer.text_encoder_2
+    return names
 
 
 def _load_trained_weights(trainer: Trainer, weights: dict[str, dict[str, torch.Tensor]]) -> None:
     """Inverse of :func:`_trained_weights`."""
     with torch.no_grad():
-        trainer.embedding[trainer.orig_vocab :] = weights["placeholders"]["rows"].to(trainer.device)
+        for emb, key in zip(trainer.embeddings, ("rows", "rows_2"), strict=False):
+            emb[trainer.orig_vocab :] = weights["placeholders"][key].to(trainer.device)
     if "unet" in weights:
         trainer.unet.load_state_dict(weights["unet"])
-    if "text_encoder" in weights:
-        trainer.text_encoder.load_state_dict(weights["text_encoder"])
-    if "unet_lora" in weights or "text_encoder_lora" in weights:
+    names = _text_encoder_names(trainer)
+    for name, te in names.items():
+        if name in weights:
+            te.load_state_dict(weights[name])
+    if any(k.endswith("_lora") for k in weights):
         from peft.utils import set_peft_model_state_dict
 
         if "unet_lora" in weights:
             set_peft_model_state_dict(trainer.unet, weights["unet_lora"])
-        if "text_encoder_lora" in weights:
-            set_peft_model_state_dict(trainer.text_encoder, weights["text_encoder_lora"])
+        for name, te in names.items():
+            if f"{name}_lora" in weights:
+                set_peft_model_state_dict(te, weights[f"{name}_lora"])
 
 
 def save_checkpoint(trainer: Trainer, step_in_phase: int, gstep: int) -> None:
@@ -317,20 +338,21 @@ def save_text_encoder(text_encoder: Any, orig_vocab: int, d: Path) -> None:
 
 
 def _save_lora(trainer: Trainer, out: Path) -> None:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     unet_sd = convert_state_dict_to_diffusers(
         get_peft_model_state_dict(trainer.unet, save_embedding_layers=False))
-    te_sd = None
+    te = {}
     if trainer.cfg.train_text_encoder:
-        te_sd = convert_state_dict_to_diffusers(
-            get_peft_model_state_dict(trainer.text_encoder, save_embedding_layers=False))
+        for name, enc in _text_encoder_names(trainer).items():
+            te[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(
+                get_peft_model_state_dict(enc, save_embedding_layers=False))
+    cls = StableDiffusionXLPipeline if trainer.xl else StableDiffusionPipeline
 
     def write(d: Path) -> None:
-        StableDiffusionPipeline.save_lora_weights(
-            d, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd, weight_name=LORA_FILE)
+        cls.save_lora_weights(d, unet_lora_layers=unet_sd, weight_name=LORA_FILE, **te)
 
     tmp = out / ".lora-tmp"
     atomic_dir(tmp, write)
@@ -343,17 +365,19 @@ def save_outputs(trainer: Trainer) -> None:
     from dynasyn.tokens import placeholder
 
     out, cfg = Path(trainer.out), trainer.cfg
-    emb = trainer.embedding
     # one key per placeholder: a (dim,) row, or (vectors, dim) rows for a multi-vector one
-    # (stock load_textual_inversion names them <asset0>, <asset0>_1, …)
-    save_tensors({placeholder(i): emb[tids[0] if len(tids) == 1 else tids].detach().cpu()
-                  .clone().contiguous() for i, tids in enumerate(trainer.placeholder_ids)},
-                 out / EMBEDS)
+    # (stock load_textual_inversion names them <asset0>, <asset0>_1, …); SDXL: a second file
+    # for the second text encoder
+    for emb, name in zip(trainer.embeddings, (EMBEDS, EMBEDS_2), strict=False):
+        save_tensors({placeholder(i): emb[tids[0] if len(tids) == 1 else tids].detach().cpu()
+                      .clone().contiguous() for i, tids in enumerate(trainer.placeholder_ids)},
+                     out / name)
     if trainer.mode == "full":
         atomic_dir(out / "unet", lambda d: trainer.unet.save_pretrained(d, safe_serialization=True))
         if cfg.train_text_encoder:
-            atomic_dir(out / "text_encoder",
-                       lambda d: save_text_encoder(trainer.text_encoder, trainer.orig_vocab, d))
+            for name, te in _text_encoder_names(trainer).items():
+                atomic_dir(out / name,
+                           lambda d, te=te: save_text_encoder(te, trainer.orig_vocab, d))
     elif trainer.mode == "lora":
         _save_lora(trainer, out)
     if cfg.sample_prompts:
@@ -368,6 +392,7 @@ def save_outputs(trainer: Trainer) -> None:
         "classes": trainer.classes,
         "phrases": [s.phrase for s in trainer.scene.subjects],
         "resolution": trainer.resolution,
+        "architecture": "sdxl" if trainer.xl else "sd",
         "lora_rank": cfg.lora_rank,
     }
     atomic_write_text(out / RUN_INFO, json.dumps(info, indent=2))

@@ -100,10 +100,79 @@ def tiny_pipeline(
     )
 
 
-def save_tiny_pipeline(path: str | Path, **kwargs) -> Path:
-    """Build :func:`tiny_pipeline` and save it in diffusers format (safetensors)."""
+def tiny_xl_pipeline(seed: int = 0, sample_size: int = 16, hidden: int = 32):
+    """A randomly initialized SDXL-shaped pipeline (64 px images, 16×16×4 latents).
+
+    As SDXL: no cross-attention in the top (latent/1) blocks, cross-attention at latent/2
+    and latent/4 (two transformer layers there), two text encoders (``CLIPTextModel`` and
+    ``CLIPTextModelWithProjection``) whose penultimate states concatenate to the
+    cross-attention width, ``addition_embed_type="text_time"`` (pooled text + six time ids),
+    the second tokenizer padding with "!". Deterministic for a seed.
+    """
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        cross_attention_dim=2 * hidden,
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + hidden,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=sample_size * 4,
+        scaling_factor=0.13025,
+    )
+    tokenizer = clip_tokenizer(model_max_length=77)
+    tokenizer_2 = clip_tokenizer(model_max_length=77)
+    tokenizer_2.pad_token = "!"
+
+    def config(pad: int) -> CLIPTextConfig:
+        return CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=pad,
+                              hidden_size=hidden, intermediate_size=37, layer_norm_eps=1e-05,
+                              num_attention_heads=4, num_hidden_layers=3, projection_dim=hidden,
+                              vocab_size=len(tokenizer), max_position_embeddings=77,
+                              hidden_act="gelu")
+
+    text_encoder = CLIPTextModel(config(49407))
+    text_encoder_2 = CLIPTextModelWithProjection(config(0))
+    scheduler = DDIMScheduler(set_alpha_to_one=False, steps_offset=1, beta_start=0.00085,
+                              beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, clip_sample=False,
+                              timestep_spacing="leading")
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+    )
+
+
+def save_tiny_pipeline(path: str | Path, layout: str = "sd15", **kwargs) -> Path:
+    """Build :func:`tiny_pipeline` (``layout="sdxl"``: :func:`tiny_xl_pipeline`) and save it
+    in diffusers format (safetensors)."""
     path = Path(path)
-    tiny_pipeline(**kwargs).save_pretrained(path, safe_serialization=True)
+    pipe = tiny_xl_pipeline(**kwargs) if layout == "sdxl" else tiny_pipeline(layout=layout,
+                                                                              **kwargs)
+    pipe.save_pretrained(path, safe_serialization=True)
     return path
 
 

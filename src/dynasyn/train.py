@@ -79,6 +79,7 @@ from dynasyn.rundir import (
 )
 from dynasyn.sampling import flip_coin, sample_union, step_generator, step_rng
 from dynasyn.scene import Scene, load_scene
+from dynasyn.sdxl import Conditioning, cat_conditioning, encode_ids, is_xl
 from dynasyn.segmix import seg_mix
 from dynasyn.tokens import (
     EncodedPrompt,
@@ -132,6 +133,9 @@ class Trainer:
         self.class_dir = self._class_images(pipe)  # rendered by the untouched base model
         self.tokenizer = pipe.tokenizer
         self.text_encoder = pipe.text_encoder
+        self.xl = is_xl(pipe)  # SDXL: a second tokenizer and text encoder (dynasyn.sdxl)
+        self.tokenizer_2 = pipe.tokenizer_2 if self.xl else None
+        self.text_encoder_2 = pipe.text_encoder_2 if self.xl else None
         self.vae = pipe.vae
         self.unet = pipe.unet
         from diffusers import DDPMScheduler
@@ -142,11 +146,18 @@ class Trainer:
 
         self.orig_vocab = len(self.tokenizer)
         phrases = list(cfg.phrases) or [s.phrase for s in self.scene.subjects]
+        init = phrases if cfg.placeholder_init == "phrase" else None
         self.placeholder_ids = add_placeholders(
             self.tokenizer, self.text_encoder, self.classes, vectors=cfg.placeholder_vectors,
-            init_texts=phrases if cfg.placeholder_init == "phrase" else None,
+            init_texts=init,
         )
-        for m in (self.vae, self.unet, self.text_encoder):
+        if self.xl:  # the same tokens (same ids: shared BPE vocabulary) in the second encoder
+            ids_2 = add_placeholders(self.tokenizer_2, self.text_encoder_2, self.classes,
+                                     vectors=cfg.placeholder_vectors, init_texts=init)
+            if ids_2 != self.placeholder_ids:
+                raise InputError("the SDXL model's two tokenizers have different vocabularies; "
+                                 "use a model whose tokenizers share CLIP's BPE vocabulary")
+        for m in (self.vae, self.unet, *self.text_encoders):
             m.requires_grad_(False)
         try:
             self.downsample = resolve_downsample(self.unet, cfg.attention_downsample)
@@ -159,12 +170,14 @@ class Trainer:
         self.store = install_attention_capture(self.unet, self.downsample)
         self.vae.to(self.device)
         self.unet.to(self.device)
-        self.text_encoder.to(self.device)
+        for te in self.text_encoders:
+            te.to(self.device)
         self.unet_half = self._store_frozen_unet_half()
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             keep_capture_layers_unchecked(self.unet)  # their maps are captured once, exactly
-            self.text_encoder.gradient_checkpointing_enable()
+            for te in self.text_encoders:
+                te.gradient_checkpointing_enable()
 
         self.lambdas = dict(cfg.lambdas)
         image, masks = self.scene.tensors(self.resolution)
@@ -262,16 +275,28 @@ class Trainer:
         return _Latents(dist.mean.float(), dist.std.float())
 
     @property
+    def text_encoders(self) -> tuple:
+        """The text encoder(s) being trained: one, or SDXL's two."""
+        return (self.text_encoder, self.text_encoder_2) if self.xl else (self.text_encoder,)
+
+    @property
     def embedding(self) -> torch.nn.Parameter:
+        """The (first) text encoder's token-embedding table."""
         return self.text_encoder.get_input_embeddings().weight
+
+    @property
+    def embeddings(self) -> list[torch.nn.Parameter]:
+        """Every text encoder's token-embedding table (the placeholder rows train in each)."""
+        return [te.get_input_embeddings().weight for te in self.text_encoders]
 
     def _setup_phase(self, phase: int) -> None:
         cfg = self.cfg
         self.phase = phase
-        emb = self.embedding
-        if phase == 1:
+        embs = self.embeddings
+        for emb in embs:
             emb.requires_grad_(True)
-            groups = [{"params": [emb], "lr": cfg.phase1_lr}]
+        if phase == 1:
+            groups = [{"params": embs, "lr": cfg.phase1_lr}]
         else:
             if cfg.prior_model == "frozen" and not self.lora:
                 # the prior is the model as it was before phase 2 (UNet and text encoder
@@ -288,29 +313,30 @@ class Trainer:
                 )
                 lora_params = [p for p in self.unet.parameters() if p.requires_grad]
                 if cfg.train_text_encoder:
-                    self.text_encoder.add_adapter(
-                        LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian",
-                                   target_modules=TE_LORA_TARGETS)
-                    )
-                    lora_params += [
-                        p for n, p in self.text_encoder.named_parameters() if "lora_" in n
-                    ]
+                    for te in self.text_encoders:
+                        te.add_adapter(
+                            LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian",
+                                       target_modules=TE_LORA_TARGETS)
+                        )
+                        lora_params += [p for n, p in te.named_parameters() if "lora_" in n]
                 for p in lora_params:
                     p.data = p.data.float()
-                emb.requires_grad_(True)
                 groups = [
                     {"params": lora_params, "lr": cfg.lora_lr},
-                    {"params": [emb], "lr": cfg.phase2_lr},
+                    {"params": embs, "lr": cfg.phase2_lr},
                 ]
             else:
                 self.unet.requires_grad_(True)
-                self.text_encoder.requires_grad_(cfg.train_text_encoder)
-                emb.requires_grad_(True)
-                te_params = [p for p in self.text_encoder.parameters() if p.requires_grad]
+                te_params = []
+                for te, emb in zip(self.text_encoders, embs, strict=True):
+                    te.requires_grad_(cfg.train_text_encoder)
+                    emb.requires_grad_(True)
+                    te_params += [p for p in te.parameters() if p.requires_grad]
                 groups = [{"params": list(self.unet.parameters()) + te_params,
                            "lr": cfg.phase2_lr}]
             self.unet.train()
-            self.text_encoder.train()
+            for te in self.text_encoders:
+                te.train()
         opt_cls = optimizer_class(cfg.optimizer, cfg.use_8bit_adam, self.device, self._warned)
         self.optimizer = opt_cls(
             groups,
@@ -335,19 +361,23 @@ class Trainer:
             return  # nothing reads the prior (Break-a-Scene, DreamBooth, TI, MD)
         if not self.cfg.efficient:
             self.prior_unet = copy.deepcopy(self.unet).requires_grad_(False)
-            self.prior_te = copy.deepcopy(self.text_encoder).requires_grad_(False)
+            self.prior_te = self._copy_text_encoders()
             return
         self.prior_unet = attention_only_copy(self.unet)
         if self.prior_dtype != torch.float32:
             store_weights_as(self.prior_unet, self.prior_dtype)
         prompts = self._possible_class_prompts()
         if prompts is None:
-            self.prior_te = copy.deepcopy(self.text_encoder).requires_grad_(False)
+            self.prior_te = self._copy_text_encoders()
             return
         if prompts:
             with torch.no_grad():
-                self._class_embeddings(self.text_encoder, prompts)
+                self._class_embeddings(self.text_encoders, prompts)
         self.prior_te = None
+
+    def _copy_text_encoders(self) -> tuple:
+        """Frozen deep copies of the text encoder(s), for the prior."""
+        return tuple(copy.deepcopy(te).requires_grad_(False) for te in self.text_encoders)
 
     @property
     def prior_dtype(self) -> torch.dtype:
@@ -388,43 +418,55 @@ class Trainer:
         return prompts
 
     # ------------------------------------------------------------------ prompts
-    def _encode_text(self, text_encoder, prompts: list[EncodedPrompt]) -> torch.Tensor:
-        ids = torch.stack([p.input_ids for p in prompts]).to(self.device)
-        return text_encoder(ids)[0]
+    def _encode_text(self, text_encoders, prompts: list[EncodedPrompt]) -> Conditioning:
+        """The UNet conditioning of ``prompts`` from ``text_encoders`` (one, or SDXL's two)."""
+        return self._encode_ids(text_encoders, torch.stack([p.input_ids for p in prompts]))
+
+    def _encode_ids(self, text_encoders, ids: torch.Tensor) -> Conditioning:
+        tok2 = self.tokenizer_2
+        return encode_ids(text_encoders, ids.to(self.device),
+                          pad_2=tok2.pad_token_id if tok2 is not None else None,
+                          eos=self.tokenizer.eos_token_id, resolution=self.resolution)
+
+    def _unet(self, unet, z: torch.Tensor, t: torch.Tensor, cond: Conditioning):
+        """One UNet call with a conditioning (SDXL's added conditioning included)."""
+        return unet(z, t, **cond.unet_kwargs())
 
     @contextmanager
     def _prior(self):
         """(unet, text_encoder) of the prior model for ICA / AUG (paper: the frozen model)."""
         if self.phase == 1 or self.cfg.prior_model == "current":
-            yield self.unet, self.text_encoder
+            yield self.unet, self.text_encoders
         elif self.lora:
             self.unet.disable_adapters()
             if self.cfg.train_text_encoder:
-                self.text_encoder.disable_adapters()
+                for te in self.text_encoders:
+                    te.disable_adapters()
             try:
-                yield self.unet, self.text_encoder
+                yield self.unet, self.text_encoders
             finally:
                 self.unet.enable_adapters()
                 if self.cfg.train_text_encoder:
-                    self.text_encoder.enable_adapters()
+                    for te in self.text_encoders:
+                        te.enable_adapters()
         else:
             yield self.prior_unet, self.prior_te
 
-    def _class_embeddings(self, text_encoder, prompts: list[EncodedPrompt]) -> torch.Tensor:
-        """Class-prompt embeddings from the prior text encoder (cached when it is frozen)."""
+    def _class_embeddings(self, text_encoders, prompts: list[EncodedPrompt]) -> Conditioning:
+        """Class-prompt conditioning from the prior text encoder(s) (cached when frozen)."""
         cacheable = self.cfg.efficient and (self.phase == 1 or self.cfg.prior_model == "frozen")
         if not cacheable:
-            return self._encode_text(text_encoder, prompts)
+            return self._encode_text(text_encoders, prompts)
         out = []
         for p in prompts:
             key = tuple(p.input_ids.tolist())
             if key not in self.class_cache:
-                if text_encoder is None:
+                if text_encoders is None:
                     raise RuntimeError("a class prompt outside the precomputed set: "
                                        f"{self.tokenizer.decode(p.input_ids)!r}")
-                self.class_cache[key] = self._encode_text(text_encoder, [p]).detach()
+                self.class_cache[key] = self._encode_text(text_encoders, [p]).detach()
             out.append(self.class_cache[key])
-        return torch.cat(out)
+        return cat_conditioning(out)
 
     @torch.no_grad()
     def prior_maps(self, z: torch.Tensor, t: torch.Tensor, prompts: list[EncodedPrompt],
@@ -435,7 +477,7 @@ class Trainer:
             w = token_weights(prompts, num_slots).to(z.device)
             with self._prior_autocast(unet), capturing(get_store(unet), w,
                                                        stop_early=self.cfg.efficient) as maps:
-                unet(z, t, enc)
+                self._unet(unet, z, t, enc)
         return maps[0] if self.cfg.mixed_precision != "no" else maps[0].float()
 
     def joint_prior_maps(self, batches: list[dict]) -> list[torch.Tensor]:
@@ -502,11 +544,11 @@ class Trainer:
         """λ_MD L_MD + λ_M2A L_M2A + λ_ICA L_ICA on a union-sampled scene batch (``prior``:
         the batch's Â when already computed)."""
         lam = self.lambdas
-        enc = self._encode_text(self.text_encoder, batch["ph"])
+        enc = self._encode_text(self.text_encoders, batch["ph"])
         w = token_weights(batch["ph"], batch["k"]).to(self.device)
         need_maps = lam["m2a"] > 0 or lam["ica"] > 0
         with self.acc.autocast(), capturing(self.store, w) if need_maps else nullcontext([]) as maps:
-            pred = self.unet(batch["z"], batch["t"], enc).sample
+            pred = self._unet(self.unet, batch["z"], batch["t"], enc).sample
         terms: dict[str, torch.Tensor] = {}
         if lam["md"] > 0:
             terms["md"] = masked_diffusion_loss(pred, batch["target"], batch["union"])
@@ -535,10 +577,10 @@ class Trainer:
         """L_AUG on one augmented item (attention only, early-stopped passes; ``prior``: its
         Â when already computed)."""
         ph, k = batch["ph"], batch["k"]
-        enc = self._encode_text(self.text_encoder, ph)
+        enc = self._encode_text(self.text_encoders, ph)
         with self.acc.autocast(), capturing(self.store, token_weights(ph, k).to(self.device),
                                             stop_early=self.cfg.efficient) as maps:
-            self.unet(batch["z"], batch["t"], enc)
+            self._unet(self.unet, batch["z"], batch["t"], enc)
         if prior is None:
             prior = self.prior_maps(batch["z"], batch["t"], batch["cl"], k)
         return aug_loss(maps[0], prior, batch["masks"], batch["valid"])
@@ -552,9 +594,9 @@ class Trainer:
     def prior_term(self, batch: dict) -> torch.Tensor:
         """Break-a-Scene's prior loss: the unmasked MSE of the prediction for the class image
         under the class prompt (the model being trained; no attention loss)."""
-        enc = self.text_encoder(self.class_prompt_ids.to(self.device))[0]
+        enc = self._encode_ids(self.text_encoders, self.class_prompt_ids)
         with self.acc.autocast():
-            pred = self.unet(batch["z"], batch["t"], enc).sample
+            pred = self._unet(self.unet, batch["z"], batch["t"], enc).sample
         return prior_preservation_loss(pred, batch["target"])
 
     def step(self, gstep: int) -> dict[str, float]:
@@ -644,9 +686,9 @@ class Trainer:
                 offset += p.numel()
 
     def _apply_step(self) -> None:
-        emb = self.embedding
-        if emb.grad is not None:
-            emb.grad[: self.orig_vocab] = 0
+        for emb in self.embeddings:
+            if emb.grad is not None:
+                emb.grad[: self.orig_vocab] = 0
         scaler = self.acc.scaler  # fp16 on CUDA: acc.backward scaled the loss
         if scaler is not None:
             scaler.unscale_(self.optimizer)
@@ -660,7 +702,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             # every non-placeholder row stays bit-identical (also under AdamW weight decay)
-            emb[: self.orig_vocab] = self.orig_rows
+            for emb, rows in zip(self.embeddings, self.orig_rows, strict=True):
+                emb[: self.orig_vocab] = rows
+
+    def keep_original_rows(self) -> None:
+        """Remember every embedding table's non-placeholder rows (restored after each step)."""
+        self.orig_rows = [emb[: self.orig_vocab].detach().clone() for emb in self.embeddings]
 
     # ------------------------------------------------------------------ run directory
     def save_checkpoint(self, step_in_phase: int, gstep: int) -> None:
@@ -675,7 +722,7 @@ class Trainer:
     def run(self, resume: bool = False) -> Path:
         """Train both phases (resuming from the newest checkpoint if asked); write outputs."""
         cfg = self.cfg
-        self.orig_rows = self.embedding[: self.orig_vocab].detach().clone()
+        self.keep_original_rows()
         steps = {1: cfg.phase1_steps, 2: cfg.phase2_steps}
         start_phase, start_step, ck = resume_point(self.out) if resume else (1, 0, None)
         total = steps[1] + steps[2]
@@ -710,7 +757,8 @@ class Trainer:
         if self.unet_half:
             self._restore_unet_weights()
         self.unet.eval()
-        self.text_encoder.eval()
+        for te in self.text_encoders:
+            te.eval()
         if self.acc.is_main_process:
             save_outputs(self)
         self.acc.wait_for_everyone()
@@ -718,9 +766,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     def pipeline(self):
-        """A StableDiffusionPipeline over the trained modules (DDIM sampler)."""
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        """A StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) over the trained
+        modules (DDIM sampler)."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+        if self.xl:
+            return StableDiffusionXLPipeline(
+                vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet,
+                scheduler=DDIMScheduler.from_config(self.scheduler_config))
         return StableDiffusionPipeline(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
             unet=self.unet, scheduler=DDIMScheduler.from_config(self.scheduler_config),

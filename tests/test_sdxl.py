@@ -1,0 +1,138 @@
+"""SDXL in the trainer and generation, on a tiny SDXL-shaped pipeline built from configs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import load_file
+
+from dynasyn.attention import cross_attention_layers, resolve_downsample
+from dynasyn.config import build_config
+from dynasyn.errors import InputError
+from dynasyn.generate import load_run
+from dynasyn.models import load_pipeline
+from dynasyn.sdxl import encode_ids, second_ids
+from dynasyn.tiny import save_tiny_pipeline
+from dynasyn.tokens import encode_template
+from dynasyn.train import Trainer, train
+
+PROMPT = "<asset0> is jumping next to <asset1>"
+
+
+@pytest.fixture(scope="module")
+def tiny_xl(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tinyxl") / "sdxl", layout="sdxl")
+
+
+def _cfg(model, scene, **kw):
+    base = dict(model=str(model), scene=str(scene), phase1_steps=2, phase2_steps=2)
+    base.update(kw)
+    return build_config("dynasyn", overrides=base)
+
+
+def _images(pipe, prompt=PROMPT):
+    g = torch.Generator().manual_seed(0)
+    return pipe(prompt, num_inference_steps=3, generator=g, output_type="np").images
+
+
+def test_load_pipeline_picks_sdxl_and_encoding_matches_the_pipeline(tiny_xl):
+    pipe = load_pipeline(str(tiny_xl))
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    p = encode_template(pipe.tokenizer, "a photo of {0} and {1}", ["red ball", "blue cube"])
+    cond = encode_ids([pipe.text_encoder, pipe.text_encoder_2], p.input_ids[None],
+                      pad_2=pipe.tokenizer_2.pad_token_id, eos=pipe.tokenizer.eos_token_id,
+                      resolution=64)
+    hidden, _, pooled, _ = pipe.encode_prompt("a photo of red ball and blue cube", device="cpu",
+                                              do_classifier_free_guidance=False)
+    assert torch.equal(cond.hidden, hidden) and torch.equal(cond.pooled, pooled)
+    assert cond.hidden.shape == (1, 77, 64)  # both encoders' 32 features
+    assert cond.time_ids.tolist() == [[64, 64, 0, 0, 64, 64]]
+    # the second tokenizer's padding: "!" (id 0) after the first EOS, nothing else changed
+    ids2 = second_ids(p.input_ids, 0, 49407)
+    ref = pipe.tokenizer_2("a photo of red ball and blue cube", padding="max_length",
+                           max_length=77, return_tensors="pt").input_ids[0]
+    assert torch.equal(ids2, ref)
+
+
+def test_attention_regularized_at_latent_over_4(tiny_xl):
+    """SDXL has no cross-attention at full latent resolution; the losses use latent/4."""
+    unet = load_pipeline(str(tiny_xl)).unet
+    assert 1 not in set(cross_attention_layers(unet).values())
+    assert resolve_downsample(unet, None) == 4
+    with pytest.raises(ValueError, match="choose one of"):
+        resolve_downsample(unet, 1)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_sdxl_run_trains_both_encoders_and_reloads_with_stock_calls(tiny_xl, scene2, tmp_path,
+                                                                     mode):
+    base = load_pipeline(str(tiny_xl))
+    kw = dict(lora_rank=4) if mode == "lora" else {}
+    cfg = _cfg(tiny_xl, scene2, **kw)
+    start = Trainer(cfg, tmp_path / "unused", progress=False).embeddings  # initial rows
+    tr = train(cfg, tmp_path / "run", progress=False)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["architecture"] == "sdxl" and info["mode"] == mode
+    # the placeholder rows moved in both tables; every other row is bit-identical
+    for emb, init, te in zip(tr.embeddings, start, (base.text_encoder, base.text_encoder_2),
+                             strict=True):
+        assert torch.equal(emb[: tr.orig_vocab], te.get_input_embeddings().weight)
+        assert not torch.equal(emb[tr.orig_vocab:], init[tr.orig_vocab:])
+    e1 = load_file(tmp_path / "run" / "learned_embeds.safetensors")
+    e2 = load_file(tmp_path / "run" / "learned_embeds_2.safetensors")
+    assert set(e1) == set(e2) == {"<asset0>", "<asset1>"}
+    assert e1["<asset0>"].shape == (32,) and not torch.equal(e1["<asset0>"], e2["<asset0>"])
+    if mode == "lora":
+        from safetensors import safe_open
+
+        with safe_open(tmp_path / "run" / "pytorch_lora_weights.safetensors", "pt") as f:
+            keys = list(f.keys())
+        assert any(k.startswith("text_encoder_2.") for k in keys)
+        assert any(k.startswith("text_encoder.") for k in keys)
+        assert any(k.startswith("unet.") for k in keys)
+    else:
+        assert (tmp_path / "run" / "text_encoder_2" / "config.json").is_file()
+        changed = [n for n, p in tr.text_encoder_2.named_parameters()
+                   if "embedding" not in n
+                   and not torch.equal(p, dict(base.text_encoder_2.named_parameters())[n])]
+        assert changed  # the second encoder is fine-tuned too
+    # stock diffusers loading (load_run) renders what the trainer's own pipeline renders
+    ours = _images(tr.pipeline())
+    loaded = load_run(tmp_path / "run", device="cpu")
+    assert isinstance(loaded, StableDiffusionXLPipeline)
+    assert torch.allclose(torch.from_numpy(_images(loaded)), torch.from_numpy(ours), atol=1e-5)
+
+
+def test_sdxl_embeddings_only_and_resume_is_bit_identical(tiny_xl, scene2, tmp_path):
+    """Checkpoints hold the second table's rows and LoRA: a resumed run ends identical."""
+    cfg = _cfg(tiny_xl, scene2, lora_rank=4, checkpoint_every=1, keep_checkpoints=10)
+    train(cfg, tmp_path / "a", progress=False)
+    b = tmp_path / "b"
+    train(cfg, b, progress=False)
+    for ck in sorted((b / "checkpoints").iterdir())[1:]:  # keep step 1 only
+        shutil.rmtree(ck)
+    (b / "run.json").unlink()
+    train(cfg, b, resume=True, progress=False)
+    for name in ("learned_embeds.safetensors", "learned_embeds_2.safetensors",
+                 "pytorch_lora_weights.safetensors"):
+        sa, sb = load_file(tmp_path / "a" / name), load_file(b / name)
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+
+
+def test_embeddings_only_sdxl_run(tiny_xl, scene2, tmp_path):
+    tr = Trainer(_cfg(tiny_xl, scene2, phase2_steps=0), tmp_path / "e", progress=False)
+    assert tr.mode == "embeddings" and tr.xl
+    tr.out.mkdir()
+    tr.run()
+    pipe = load_run(tmp_path / "e", device="cpu")
+    assert "<asset1>" in pipe.tokenizer_2.get_vocab()
+
+
+def test_sdxl_run_with_an_sd_model_is_refused(tiny_xl, tiny_model, scene2, tmp_path):
+    train(_cfg(tiny_xl, scene2, phase1_steps=1, phase2_steps=0), tmp_path / "r", progress=False)
+    with pytest.raises(InputError, match="trained on an SDXL model"):
+        load_run(tmp_path / "r", model=str(tiny_model), device="cpu")
