@@ -136,3 +136,29 @@ def test_sdxl_run_with_an_sd_model_is_refused(tiny_xl, tiny_model, scene2, tmp_p
     train(_cfg(tiny_xl, scene2, phase1_steps=1, phase2_steps=0), tmp_path / "r", progress=False)
     with pytest.raises(InputError, match="trained on an SDXL model"):
         load_run(tmp_path / "r", model=str(tiny_model), device="cpu")
+
+
+def test_personalize_augment_generate_evaluate_masks_on_sdxl(tiny_xl, scene2, tmp_path):
+    """The whole command path on an SDXL model: augmentation (drafts, inpainting, GSA,
+    re-segmented final masks), training with L_AUG, generation, evaluation, masks from
+    class names."""
+    from dynasyn.cli import main
+
+    run = tmp_path / "run"
+    assert main(["personalize", str(scene2), "--model", str(tiny_xl), "--out", str(run),
+                 "--phase1-steps", "1", "--phase2-steps", "1", "--lora-rank", "4",
+                 "--num-prompts", "2", "--draft-steps", "2", "--gsa-steps", "4",
+                 "--final-masks", "resegment", "--no-progress"]) == 0
+    assert len((run / "augmented" / "prompts.jsonl").read_text().splitlines()) == 2
+    assert (run / "augmented" / "0000.png").is_file()
+    log = [json.loads(x) for x in (run / "logs" / "losses.jsonl").read_text().splitlines()]
+    assert all(r["aug"] > 0 for r in log)  # L_AUG trained on the SDXL augmented items
+    assert main(["generate", str(run), "<asset0> is jumping", "-n", "1", "--steps", "2",
+                 "--out", str(tmp_path / "gen")]) == 0
+    assert len(list((tmp_path / "gen").glob("*_0.png"))) == 1
+    assert main(["evaluate", str(run), "-n", "1", "--steps", "2", "--limit", "1",
+                 "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
+    assert "clip_t" in json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    assert main(["masks", str(scene2 / "img.png"), "--classes", "panda", "bowl",
+                 "--out", str(tmp_path / "masks"), "--model", str(tiny_xl)]) == 0
+    assert (tmp_path / "masks" / "mask1.png").is_file()

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 __all__ = ["Conditioning", "add_time_ids", "cat_conditioning", "encode_ids", "is_xl",
-           "second_ids"]
+           "pipe_conditioning", "second_ids"]
 
 
 def is_xl(pipe_or_modules: Any) -> bool:
@@ -43,8 +43,22 @@ class Conditioning:
     time_ids: torch.Tensor | None = None
 
     def detach(self) -> Conditioning:
-        return Conditioning(*(None if x is None else x.detach()
+        return self._map(lambda x: x.detach())
+
+    def _map(self, fn) -> Conditioning:
+        return Conditioning(*(None if x is None else fn(x)
                               for x in (self.hidden, self.pooled, self.time_ids)))
+
+    def repeat(self, n: int) -> Conditioning:
+        """The batch tiled ``n`` times (as ``Tensor.repeat`` on the batch axis)."""
+        return self._map(lambda x: x.repeat(n, *[1] * (x.dim() - 1)))
+
+    def row(self, i: int) -> Conditioning:
+        """Batch row ``i`` alone (batch size 1)."""
+        return self._map(lambda x: x[i : i + 1])
+
+    def to(self, dtype: torch.dtype) -> Conditioning:
+        return self._map(lambda x: x.to(dtype))
 
     def unet_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``unet(z, t, **kwargs)``."""
@@ -93,3 +107,15 @@ def encode_ids(text_encoders: Sequence[Any], ids: torch.Tensor, pad_2: int | Non
     out2 = te2(second_ids(ids, pad_2, eos), output_hidden_states=True)
     hidden = torch.cat([h1, out2.hidden_states[-2]], dim=-1)
     return Conditioning(hidden, out2[0], add_time_ids(resolution, ids.shape[0], ids.device))
+
+
+def pipe_conditioning(pipe: Any, ids: torch.Tensor) -> Conditioning:
+    """:func:`encode_ids` with a pipeline's own text encoder(s), at its default resolution
+    (SDXL's time ids for ``unet.sample_size × vae_scale_factor``)."""
+    device = pipe.unet.device
+    if not is_xl(pipe):
+        return encode_ids([pipe.text_encoder], ids.to(device))
+    side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    return encode_ids([pipe.text_encoder, pipe.text_encoder_2], ids.to(device),
+                      pad_2=pipe.tokenizer_2.pad_token_id, eos=pipe.tokenizer.eos_token_id,
+                      resolution=side)

@@ -1,9 +1,10 @@
 """Step 4 (image side): diffusion inpainting of the gaps and Guided SDE Augmentation (GSA).
 
-Both reuse the personalization model's own components through stock diffusers pipelines:
-``StableDiffusionInpaintPipeline`` over a 4-channel (non-inpainting) UNet performs mask-blended
-sampling (known pixels are re-imposed at every step), and ``StableDiffusionImg2ImgPipeline``
-is SDEdit: noise the image to ``strength`` and denoise with the prompt.
+Both reuse the personalization model's own components through stock diffusers pipelines
+(``AutoPipelineForInpainting`` / ``AutoPipelineForImage2Image.from_pipe``: the SD or SDXL
+class that matches the model): the inpainting pipeline over a 4-channel (non-inpainting) UNet
+performs mask-blended sampling (known pixels are re-imposed at every step), and the
+image-to-image pipeline is SDEdit: noise the image to ``strength`` and denoise with the prompt.
 """
 
 from __future__ import annotations
@@ -16,12 +17,6 @@ from dynasyn.attention import get_store
 from dynasyn.augment.draft import cfg_weights, class_token_spans, run_capturing
 
 
-def _components(pipe) -> dict:
-    comps = dict(pipe.components)
-    comps.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return comps
-
-
 @torch.no_grad()
 def inpaint_diffusion(pipe, image: Image.Image, gap_mask: np.ndarray, prompt: str, seed: int,
                       steps: int = 25, guidance: float = 7.5, inpaint_pipe=None) -> Image.Image:
@@ -30,9 +25,9 @@ def inpaint_diffusion(pipe, image: Image.Image, gap_mask: np.ndarray, prompt: st
     ``inpaint_pipe`` may be a dedicated SD inpainting checkpoint; by default the model's own
     components are used with mask blending.
     """
-    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers import AutoPipelineForInpainting
 
-    ip = inpaint_pipe or StableDiffusionInpaintPipeline(**_components(pipe))
+    ip = inpaint_pipe or AutoPipelineForInpainting.from_pipe(pipe)
     ip.set_progress_bar_config(disable=True)
     size = image.size
     mask = Image.fromarray((np.asarray(gap_mask) > 0).astype(np.uint8) * 255, "L")
@@ -68,12 +63,11 @@ def guided_sde_augmentation(
     step; ``steps`` 1000 → the paper's 700). Returns the image and the class-token attention
     maps (K, h, w) captured while denoising (stored beside each item for inspection).
     """
-    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionImg2ImgPipeline
+    from diffusers import AutoPipelineForImage2Image, DDIMScheduler, DDPMScheduler
 
-    comps = _components(pipe)
     sched = DDPMScheduler if sampler == "sde" else DDIMScheduler
-    comps["scheduler"] = sched.from_config(pipe.scheduler.config)
-    i2i = StableDiffusionImg2ImgPipeline(**comps)
+    i2i = AutoPipelineForImage2Image.from_pipe(pipe, scheduler=sched.from_config(
+        pipe.scheduler.config))
     i2i.set_progress_bar_config(disable=True)
     enc = class_token_spans(pipe.tokenizer, template, phrases, classes)
     w = cfg_weights(enc, len(phrases), 1, guidance > 1).to(pipe.unet.device)

@@ -140,11 +140,12 @@ class _Models:
     @property
     def inpaint_pipe(self):
         if self._inpaint is None:
-            from diffusers import StableDiffusionInpaintPipeline
+            from diffusers import AutoPipelineForInpainting
 
             from dynasyn.models import resolve_model
 
-            self._inpaint = StableDiffusionInpaintPipeline.from_pretrained(
+            # an SD or SDXL inpainting checkpoint, whichever its model_index.json names
+            self._inpaint = AutoPipelineForInpainting.from_pretrained(
                 resolve_model(self.cfg.inpaint_model), safety_checker=None,
                 requires_safety_checker=False).to(self.device)
         return self._inpaint

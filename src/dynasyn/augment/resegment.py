@@ -62,6 +62,8 @@ def final_image_maps(pipe, image: Image.Image, template: str, phrases: Sequence[
     """
     from diffusers import DDPMScheduler
 
+    from dynasyn.sdxl import pipe_conditioning
+
     unet, vae = pipe.unet, pipe.vae
     side = int(unet.config.sample_size) * int(pipe.vae_scale_factor)
     x = np.asarray(image.convert("RGB").resize((side, side), Image.Resampling.BICUBIC), np.float32)
@@ -73,12 +75,10 @@ def final_image_maps(pipe, image: Image.Image, template: str, phrases: Sequence[
     noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(
         latent.expand(len(ts), -1, -1, -1), noise.expand(len(ts), -1, -1, -1), ts)
     enc = class_token_spans(pipe.tokenizer, template, phrases, classes)
-    emb = pipe.text_encoder(enc.input_ids[None].to(unet.device))[0].to(unet.dtype)
+    cond = pipe_conditioning(pipe, enc.input_ids[None]).to(unet.dtype).repeat(len(ts))
     w = cfg_weights(enc, len(phrases), len(ts), guidance=False).to(unet.device)
     _, maps = run_capturing(
-        get_store(unet), w,
-        lambda: unet(noisy.to(unet.dtype), ts, encoder_hidden_states=emb.expand(len(ts), -1, -1)),
-    )
+        get_store(unet), w, lambda: unet(noisy.to(unet.dtype), ts, **cond.unet_kwargs()))
     return maps.float().mean(0).cpu().numpy()
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dynasyn.attention import AttentionStore, CaptureCrossAttnProcessor, cross_attention_layers
+from dynasyn.sdxl import pipe_conditioning
 from dynasyn.tokens import encode_template, token_weights
 
 __all__ = [
@@ -164,14 +165,15 @@ def order_losses(
     """
     unet = pipe.unet
     _, ids, _ = _encode_prompts(pipe.tokenizer, classes, orders)
-    emb = pipe.text_encoder(ids.to(unet.device))[0].to(unet.dtype)
+    cond = pipe_conditioning(pipe, ids).to(unet.dtype)
     noisy, noise, ts = _noisy(pipe, latent, timesteps, seed, draws)
     target = noise
     if pipe.scheduler.config.prediction_type == "v_prediction":
         target = pipe.scheduler.get_velocity(latent.expand_as(noise), noise, ts)
     out = []
-    for e in emb:
-        pred = unet(noisy.to(unet.dtype), ts, encoder_hidden_states=e[None].expand(len(ts), -1, -1)).sample
+    for i in range(len(ids)):
+        kw = cond.row(i).repeat(len(ts)).unet_kwargs()
+        pred = unet(noisy.to(unet.dtype), ts, **kw).sample
         out.append(F.mse_loss(pred.float(), target.float()).item())
     return np.asarray(out)
 
@@ -197,11 +199,11 @@ def photo_attention(
     device, dtype = unet.device, unet.dtype
     texts, ids, weights = _encode_prompts(pipe.tokenizer, classes, orders)
     n_t, n_o = len(timesteps), len(texts)
-    emb = pipe.text_encoder(ids.to(device))[0]
+    cond = pipe_conditioning(pipe, ids)
     noisy, _, ts = _noisy(pipe, latent, timesteps, seed)
     batch = noisy.repeat_interleave(n_o, 0).to(dtype)
     t_batch = ts.repeat_interleave(n_o, 0)
-    emb_batch = emb.repeat(n_t, 1, 1).to(dtype)
+    cond_batch = cond.repeat(n_t).to(dtype)
     w_batch = weights.repeat(n_t, 1, 1).to(device)
 
     layers = cross_attention_layers(unet)
@@ -220,7 +222,7 @@ def photo_attention(
             store.begin(w_batch)
         eye = torch.eye(g * g, device=device, dtype=dtype).expand(len(batch), -1, -1)
         self_store.begin(eye)
-        unet(batch, t_batch, encoder_hidden_states=emb_batch)
+        unet(batch, t_batch, **cond_batch.unet_kwargs())
         cross = []
         for store in cross_stores.values():
             m = store.end().float()  # (B, K, h, w)
