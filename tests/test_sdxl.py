@@ -162,3 +162,24 @@ def test_personalize_augment_generate_evaluate_masks_on_sdxl(tiny_xl, scene2, tm
     assert main(["masks", str(scene2 / "img.png"), "--classes", "panda", "bowl",
                  "--out", str(tmp_path / "masks"), "--model", str(tiny_xl)]) == 0
     assert (tmp_path / "masks" / "mask1.png").is_file()
+
+
+def test_low_vram_profile_on_sdxl(tiny_xl, scene2, tmp_path):
+    """low_vram on SDXL under bf16 autocast (CPU): LoRA, both encoders checkpointed, the frozen
+    UNet stored in bf16 during training and its fp32 weights restored for the saved run."""
+    cfg = _cfg(tiny_xl, scene2, low_vram=True, device="cpu", mixed_precision="bf16",
+               log_every=1)
+    assert cfg.lora_rank > 0 and cfg.gradient_checkpointing
+    tr = Trainer(cfg, tmp_path / "lv", progress=False)
+    assert tr.unet_half and tr.text_encoder_2.is_gradient_checkpointing
+    tr.out.mkdir()
+    tr.run()
+    log = [json.loads(x) for x in (tmp_path / "lv" / "logs" / "losses.jsonl").read_text()
+           .splitlines()]
+    assert len(log) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    base = load_pipeline(str(tiny_xl)).unet.state_dict()
+    unet = tr.unet.state_dict()
+    key = next(k for k in base if k.endswith("to_q.weight") and "attn2" in k)
+    lkey = next(k for k in unet if k.startswith(key.rsplit(".", 1)[0]) and "base_layer" in k
+                and k.endswith("weight"))
+    assert unet[lkey].dtype == torch.float32 and torch.equal(unet[lkey], base[key])

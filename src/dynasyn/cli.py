@@ -120,7 +120,8 @@ def scene_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _add_train_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     add_scene_args(p, scene="optional")
-    p.add_argument("--model", help="diffusers SD pipeline: local dir, hub id, or 'micro' (default)")
+    p.add_argument("--model", help="diffusers SD 1.x/2.x or SDXL pipeline: local dir, hub id, "
+                   "or 'micro' (default)")
     p.add_argument("--preset", help="training preset (default: dynasyn)")
     p.add_argument("--out", required=out_required, help="run directory to write (self-contained: "
                    "it keeps a copy of the scene in RUN/scene)")
@@ -141,7 +142,7 @@ def _add_train_args(p: argparse.ArgumentParser, out_required: bool = True) -> No
 
 def _add_augment_args(p: argparse.ArgumentParser, with_model: bool = True) -> None:
     if with_model:
-        p.add_argument("--model", default="micro", help="diffusers SD pipeline (default micro)")
+        p.add_argument("--model", default="micro", help="diffusers SD or SDXL pipeline (default micro)")
     p.add_argument("--num-prompts", type=int, default=30, help="augmented items (paper: 30)")
     p.add_argument("--provider", default="template",
                    choices=["template", "micro", "openai", "local"],

@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="one class noun per subject; the masks follow this order")
     p.add_argument("--out", required=True, help="scene directory to write")
     p.add_argument("--model", default="micro",
-                   help="diffusers SD pipeline whose attention is used (default: micro)")
+                   help="diffusers SD or SDXL pipeline whose attention is used (default: micro)")
     p.add_argument("--segmenter", default="attention", choices=["attention", "detect-sam"],
                    help="attention (default, no extra model) or an open-vocabulary detector + "
                    "SAM from local weights")

@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "generation and evaluation in a browser (Gradio)", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="micro",
-                   help="diffusers SD pipeline: local dir, hub id, or micro (bundled, default)")
+                   help="diffusers SD or SDXL pipeline: local dir, hub id, or micro (bundled, default)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
