@@ -75,7 +75,7 @@ def _reference(tr: Trainer, z, t) -> dict[str, torch.Tensor]:
     ph = [placeholder(s) for s in SUBJECTS]
     cl = [tr.classes[s] for s in SUBJECTS]
     with tr._prior() as (prior_unet, prior_te):
-        te = prior_te if prior_te is not None else tr.text_encoder
+        te = prior_te[0] if prior_te is not None else tr.text_encoder
         prior_cl = _maps(tr, prior_unet, te, cl, z, t, grad=False)
         prior_ph = _maps(tr, prior_unet, te, ph, z, t, grad=False)
     student_ph = _maps(tr, tr.unet, tr.text_encoder, ph, z, t, grad=True)
