@@ -170,10 +170,16 @@ def test_low_vram_profile_on_sdxl(tiny_xl, scene2, tmp_path):
     cfg = _cfg(tiny_xl, scene2, low_vram=True, device="cpu", mixed_precision="bf16",
                log_every=1)
     assert cfg.lora_rank > 0 and cfg.gradient_checkpointing
-    tr = Trainer(cfg, tmp_path / "lv", progress=False)
-    assert tr.unet_half and tr.text_encoder_2.is_gradient_checkpointing
-    tr.out.mkdir()
-    tr.run()
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # one process-wide state
+    try:
+        tr = Trainer(cfg, tmp_path / "lv", progress=False)
+        assert tr.unet_half and tr.text_encoder_2.is_gradient_checkpointing
+        tr.out.mkdir()
+        tr.run()
+    finally:  # the other tests run in fp32
+        AcceleratorState._reset_state(reset_partial_state=True)
     log = [json.loads(x) for x in (tmp_path / "lv" / "logs" / "losses.jsonl").read_text()
            .splitlines()]
     assert len(log) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
@@ -183,3 +189,21 @@ def test_low_vram_profile_on_sdxl(tiny_xl, scene2, tmp_path):
     lkey = next(k for k in unet if k.startswith(key.rsplit(".", 1)[0]) and "base_layer" in k
                 and k.endswith("weight"))
     assert unet[lkey].dtype == torch.float32 and torch.equal(unet[lkey], base[key])
+
+
+@pytest.mark.parametrize("layout", ["sd", "sdxl"])
+@pytest.mark.parametrize("lora", [0, 4])
+def test_phase_2_trains_the_placeholder_rows_of_every_table(tiny_xl, tiny_model, scene2,
+                                                            tmp_path, layout, lora):
+    """Phase 2 (LoRA or full) keeps training the placeholder rows: each table requires grad
+    (after peft's add_adapter froze the base weights) and gets a gradient on those rows only."""
+    model = tiny_xl if layout == "sdxl" else tiny_model
+    tr = Trainer(_cfg(model, scene2, lora_rank=lora), tmp_path / "p2", progress=False)
+    tr.keep_original_rows()
+    tr._setup_phase(2)
+    tr.compute_gradients(0)
+    assert len(tr.embeddings) == (2 if layout == "sdxl" else 1)
+    in_opt = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
+    for emb in tr.embeddings:
+        assert emb.requires_grad and id(emb) in in_opt
+        assert emb.grad[tr.orig_vocab:].abs().sum() > 0

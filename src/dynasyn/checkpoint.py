@@ -19,27 +19,47 @@ STATE = "state.json"
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer's state dict into tensors (for safetensors) and JSON metadata."""
+    """Split an optimizer's state dict into tensors (for safetensors) and JSON metadata.
+
+    A state entry that is itself a dict (bitsandbytes' 8-bit optimizers keep their quantized
+    states under one) is split the same way, its keys joined with ``/``.
+    """
     sd = opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict] = {}
-    for idx, st in sd["state"].items():
+
+    def split(idx, prefix: str, st: dict) -> None:
         for k, v in st.items():
+            key = f"{prefix}{k}"
             if torch.is_tensor(v):
-                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous().clone()
+                tensors[f"{idx}.{key}"] = v.detach().cpu().contiguous().clone()
+            elif isinstance(v, dict):
+                split(idx, f"{key}/", v)
             else:
-                scalars.setdefault(str(idx), {})[k] = v
+                scalars.setdefault(str(idx), {})[key] = v
+
+    for idx, st in sd["state"].items():
+        split(idx, "", st)
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
 def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Inverse of :func:`optimizer_tensors`."""
     state: dict[int, dict] = {}
+
+    def put(idx: int, key: str, v) -> None:
+        d = state.setdefault(idx, {})
+        *path, last = key.split("/")
+        for part in path:
+            d = d.setdefault(part, {})
+        d[last] = v
+
     for key, v in tensors.items():
         idx, k = key.split(".", 1)
-        state.setdefault(int(idx), {})[k] = v
+        put(int(idx), k, v)
     for idx, sc in meta.get("scalars", {}).items():
-        state.setdefault(int(idx), {}).update(sc)
+        for k, v in sc.items():
+            put(int(idx), k, v)
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 

@@ -65,11 +65,25 @@ def apply_low_vram(values: dict[str, Any], explicit: set[str],
     return out
 
 
+def _runs_on(cls: type, device: torch.device) -> bool:
+    """Whether a bitsandbytes 8-bit optimizer steps on ``device`` (newer releases have CPU
+    kernels): one step on a parameter large enough to get 8-bit states (4096 elements)."""
+    try:
+        p = torch.nn.Parameter(torch.zeros(4096, device=device))
+        p.grad = torch.ones_like(p)
+        opt = cls([p], lr=1e-3)
+        opt.step()
+        return opt.state[p]["state1"].dtype == torch.uint8
+    except Exception:  # noqa: BLE001 - any failure means: not on this device
+        return False
+
+
 def optimizer_class(optimizer: str, use_8bit: bool, device: torch.device,
                     warned: list[bool] | None = None) -> type[torch.optim.Optimizer]:
     """Adam / AdamW (``optimizer``), in bitsandbytes' 8-bit version when ``use_8bit`` and
-    possible: it needs the ``lowvram`` extra and a CUDA device; otherwise one warning line
-    (once per ``warned`` list) and the plain optimizer."""
+    possible: it needs the ``lowvram`` extra and a CUDA device, or a bitsandbytes with CPU
+    kernels for a CPU run (probed with one step); otherwise one warning line (once per
+    ``warned`` list) and the plain optimizer."""
     plain = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
     if not use_8bit:
         return plain
@@ -80,10 +94,12 @@ def optimizer_class(optimizer: str, use_8bit: bool, device: torch.device,
     except ImportError:
         reason = "bitsandbytes is not installed (pip install 'dynasyn[lowvram]')"
     else:
-        if device.type != "cuda":
-            reason = f"bitsandbytes' 8-bit {name} needs a CUDA device (this run is on {device})"
+        cls = bnb.optim.AdamW8bit if optimizer == "adamw" else bnb.optim.Adam8bit
+        if device.type != "cuda" and not _runs_on(cls, device):
+            reason = (f"this bitsandbytes has no 8-bit {name} for {device.type} (a CUDA device, "
+                      "or bitsandbytes >= 0.50 on CPU)")
     if reason is None:
-        return bnb.optim.AdamW8bit if optimizer == "adamw" else bnb.optim.Adam8bit
+        return cls
     if warned is None or not warned[0]:
         log.warning("use_8bit_adam: %s; training with plain %s", reason, name)
         if warned is not None:

@@ -321,6 +321,8 @@ class Trainer:
                         lora_params += [p for n, p in te.named_parameters() if "lora_" in n]
                 for p in lora_params:
                     p.data = p.data.float()
+                for emb in embs:  # peft's add_adapter froze every non-LoRA weight
+                    emb.requires_grad_(True)
                 groups = [
                     {"params": lora_params, "lr": cfg.lora_lr},
                     {"params": embs, "lr": cfg.phase2_lr},
