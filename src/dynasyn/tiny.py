@@ -20,6 +20,22 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from dynasyn.bpe import clip_tokenizer
 
 
+def _tiny_vae(sample_size: int, scaling_factor: float = 0.18215) -> AutoencoderKL:
+    """A 3-level VAE (factor 4): ``sample_size`` latents ↔ ``4 × sample_size`` px images."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=sample_size * 4,
+        scaling_factor=scaling_factor,
+    )
+
+
 def tiny_pipeline(
     seed: int = 0,
     prediction_type: str = "epsilon",
@@ -51,17 +67,7 @@ def tiny_pipeline(
         upcast_attention=sd21,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=sample_size * 4,
-    )
+    vae = _tiny_vae(sample_size)
     tokenizer = clip_tokenizer(model_max_length=77)
     if sd21:
         tokenizer.pad_token = "!"
@@ -131,18 +137,7 @@ def tiny_xl_pipeline(seed: int = 0, sample_size: int = 16, hidden: int = 32):
         projection_class_embeddings_input_dim=6 * time_dim + hidden,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=sample_size * 4,
-        scaling_factor=0.13025,
-    )
+    vae = _tiny_vae(sample_size, scaling_factor=0.13025)  # SDXL's VAE scaling
     tokenizer = clip_tokenizer(model_max_length=77)
     tokenizer_2 = clip_tokenizer(model_max_length=77)
     tokenizer_2.pad_token = "!"
