@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     ev.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     ev.add_argument("--limit", type=int, default=10, help="prompts per category (default 10)")
+    ev.add_argument("--mean-shift", type=float, default=0.0, metavar="GAMMA",
+                    help="render the run's images from MuDI's mean-shifted noise, as generate "
+                    "--mean-shift does (the text ceiling keeps plain noise; default 0: off)")
     ev.add_argument("--clip-model", default="micro",
                     help="CLIP for the metrics: micro (bundled, default), a directory or hub id")
     ev.add_argument("--dino-model", help="optional DINO/ViT directory or hub id for DINO scores")
@@ -461,6 +464,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         dino_model=args.dino_model,
         ceiling=not args.no_ceiling,
         ceiling_cache=args.ceiling_cache,
+        mean_shift=args.mean_shift,
         **scene_options(args),
     )
     print(summary_table(result))

@@ -253,6 +253,7 @@ def evaluate(
     classes: Sequence[str] | None = None,
     ceiling: bool = True,
     ceiling_cache: str | Path | None = None,
+    mean_shift: float = 0.0,
 ) -> dict[str, Any]:
     """Evaluate a trained run; write ``metrics.json`` and ``report.html`` into ``out``.
 
@@ -286,6 +287,9 @@ def evaluate(
         ceiling_cache: a directory of ceiling images to reuse and add to (``<key>.png``, the
             key covering base model, prompt, seed, steps and guidance); without one, the
             ceiling images of a previous evaluation in ``out`` are reused.
+        mean_shift: γ > 0 renders the run's images from MuDI's mean-shifted initial noise
+            (:func:`~dynasyn.generate.mean_shifted_latents`, the prompt's subjects cut out of
+            the scene); the text ceiling keeps plain noise.
 
     Returns:
         The metrics dictionary as written to ``metrics.json``, plus ``"out"`` (its directory).
@@ -298,7 +302,14 @@ def evaluate(
     from dynasyn.augment.draft import cfg_weights, run_capturing
     from dynasyn.config import atomic_write_text, load_config
     from dynasyn.evaluate.report import heat_overlay, write_report
-    from dynasyn.generate import check_placeholders, load_run, make_grid, read_run, slug
+    from dynasyn.generate import (
+        check_placeholders,
+        load_run,
+        make_grid,
+        mean_shifted_latents,
+        read_run,
+        slug,
+    )
     from dynasyn.models import pick_device
     from dynasyn.scene import load_scene
     from dynasyn.tokens import encode_template, placeholder
@@ -413,9 +424,13 @@ def evaluate(
                 for j in range(n):
                     g = torch.Generator(device="cpu").manual_seed(seed + j)
 
-                    def call(g: torch.Generator = g, prompt: str = enc.text) -> Any:
+                    latents = (mean_shifted_latents(pipe, sc, list(p.subjects), mean_shift,
+                                                    seed + j) if mean_shift else None)
+
+                    def call(g: torch.Generator = g, prompt: str = enc.text,
+                             latents: torch.Tensor | None = latents) -> Any:
                         return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
-                                    generator=g)
+                                    generator=g, latents=latents)
 
                     if store is not None:
                         w = cfg_weights(enc, k, 1, guidance > 1).to(pipe.unet.device)
@@ -519,6 +534,7 @@ def evaluate(
                 "seed": seed,
                 "steps": steps,
                 "guidance": guidance,
+                "mean_shift": mean_shift,
                 "clip_model": str(clip_model),
                 "dino_model": None if dino_model is None else str(dino_model),
                 "threshold": threshold,
