@@ -481,3 +481,30 @@ def test_evaluate_cli(trained_run, tiny_clip, tmp_path, capsys):
     assert main(["evaluate", str(trained_run), "--prompts", "dance",
                  "--clip-model", str(tiny_clip), "--out", str(tmp_path / "x")]) == 2
     assert main(["evaluate", str(tmp_path), "--out", str(tmp_path / "y")]) == 2
+
+
+def test_evaluate_mean_shift_renders_from_the_shifted_noise(trained_run, tiny_clip, tmp_path):
+    """--mean-shift: the run's images start from MuDI's mean-shifted noise (different images,
+    the same as generate --mean-shift gives), recorded in the settings."""
+    import numpy as np
+    from PIL import Image
+
+    from dynasyn.cli import main
+    from dynasyn.generate import generate_images, load_run, run_scene
+
+    outs = {}
+    for gamma in ("0", "2"):
+        outs[gamma] = tmp_path / f"ev{gamma}"
+        assert main(["evaluate", str(trained_run), "--prompts", "interaction", "-n", "1",
+                     "--steps", "2", "--limit", "1", "--clip-model", str(tiny_clip),
+                     "--out", str(outs[gamma]), "--no-progress", "--mean-shift", gamma]) == 0
+    settings = json.loads((outs["2"] / "metrics.json").read_text())["settings"]
+    assert settings["mean_shift"] == 2.0
+    name = next(p.name for p in (outs["2"] / "images" / "interaction").glob("*_0.png"))
+    plain, shifted = (np.asarray(Image.open(outs[g] / "images" / "interaction" / name)) for g in ("0", "2"))
+    assert not np.array_equal(plain, shifted)
+    prompt = json.loads((outs["2"] / "metrics.json").read_text())["prompts"][0]["prompt"]
+    ref = generate_images(load_run(trained_run, device="cpu"), [prompt], tmp_path / "gen", n=1,
+                          steps=2, progress=False, mean_shift=2.0, scene=run_scene(trained_run))
+    assert np.array_equal(np.asarray(Image.open(ref[0]).convert("RGB")),
+                          np.asarray(Image.open(outs["2"] / "images" / "interaction" / name).convert("RGB")))
