@@ -1,0 +1,110 @@
+"""Pool the exact metrics of several benchmark runs over the same scenes (e.g. seeds 0-1 in one
+``--out``, seed 2 in another) into one table.
+
+    python benchmarks/merge_exact.py DIR_A DIR_B [...] [--out table.md]
+
+Each ``DIR`` holds a benchmark's ``exact.csv`` and ``cells.csv`` (its ``--out``, or a copy of
+those two files). Image counts ``k / n`` are summed per preset, category and metric and the
+rates get 95 % Wilson intervals over the pooled images; the text ceiling, which depends on the
+scenes and evaluation seeds only, is taken from the first directory that has it (not summed).
+Then, paired by scene and training seed from ``cells.csv``: in how many runs DynASyn's identity
+kept over all prompts is above, equal to or below Break-a-Scene's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+from dynasyn.evaluate.metrics import wilson_interval
+
+COLUMNS = [  # (header, category, metric)
+    ("identity kept, all prompts", "overall", "identity_kept"),
+    ("identity kept, action prompts", "action", "identity_kept"),
+    ("action followed", "acting", "action_followed"),
+    ("identity & action (action prompts)", "action", "identity_and_action"),
+    ("identity mixing", "overall", "identity_mixing"),
+]
+NAMES = {"dynasyn": "DynASyn", "break-a-scene": "Break-a-Scene", "dreambooth": "DB (+mask)",
+         "mudi": "MuDI (Seg-Mix)", "text-ceiling": "text ceiling"}
+CEILING = "text-ceiling"
+
+
+def pooled(dirs: list[Path]) -> tuple[dict, dict]:
+    """``{(preset, category, metric): [k, n]}`` and ``{preset: runs}`` over ``dirs``."""
+    counts: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
+    runs: dict[str, int] = defaultdict(int)
+    ceiling_from = None
+    for d in dirs:
+        rows = list(csv.DictReader((d / "exact.csv").open()))
+        for r in rows:
+            if r["preset"] == CEILING:
+                if ceiling_from not in (None, d):
+                    continue
+                ceiling_from = d
+            c = counts[(r["preset"], r["category"], r["metric"])]
+            c[0] += int(r["k"])
+            c[1] += int(r["n"])
+        for preset in {r["preset"] for r in rows}:
+            if preset != CEILING or ceiling_from == d:
+                runs[preset] += max(int(r["runs"] or 0) for r in rows if r["preset"] == preset)
+    return counts, runs
+
+
+def table(counts: dict, runs: dict) -> str:
+    presets = [p for p in NAMES if any(k[0] == p for k in counts)]
+    lines = ["| method | runs | " + " | ".join(h for h, _, _ in COLUMNS) + " |",
+             "|---|---|" + "---|" * len(COLUMNS)]
+    for p in presets:
+        cells = []
+        for _, cat, metric in COLUMNS:
+            k, n = counts.get((p, cat, metric), (0, 0))
+            if n == 0:
+                cells.append("–")
+                continue
+            lo, hi = wilson_interval(k, n)
+            cells.append(f"{100 * k / n:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]")
+        what = f"{runs[p]} scenes" if p == CEILING else str(runs[p])
+        lines.append(f"| {NAMES[p]} | {what} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired(dirs: list[Path], a: str = "dynasyn", b: str = "break-a-scene") -> str:
+    """Identity kept over all prompts, ``a`` against ``b``, paired by scene and seed (the
+    categories weighted by their subject images: plain 1, action 1, interaction 2)."""
+    weights = {"plain": 1, "action": 1, "interaction": 2}
+    ident: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    for d in dirs:
+        acc: dict[tuple[str, str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+        for r in csv.DictReader((d / "cells.csv").open()):
+            if r["category"] in weights and r["identity_kept"]:
+                w = weights[r["category"]]
+                s = acc[(r["scene"], r["seed"], r["preset"])]
+                s[0] += w * float(r["identity_kept"])
+                s[1] += w
+        for (scene, seed, preset), (num, den) in acc.items():
+            ident[(scene, seed)][preset] = num / den
+    pairs = [v for v in ident.values() if a in v and b in v]
+    above = sum(v[a] > v[b] for v in pairs)
+    below = sum(v[a] < v[b] for v in pairs)
+    return (f"{NAMES[a]} vs {NAMES[b]}, identity kept over all prompts, paired by scene and "
+            f"seed: above in {above}, equal in {len(pairs) - above - below}, below in {below} "
+            f"of {len(pairs)} runs")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dirs", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    counts, runs = pooled(args.dirs)
+    text = table(counts, runs) + "\n\n" + paired(args.dirs) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
