@@ -8,7 +8,7 @@ those two files). Image counts ``k / n`` are summed per preset, category and met
 rates get 95 % Wilson intervals over the pooled images; the text ceiling, which depends on the
 scenes and evaluation seeds only, is taken from the first directory that has it (not summed).
 Then, paired by scene and training seed from ``cells.csv``: in how many runs DynASyn's identity
-kept over all prompts is above, equal to or below Break-a-Scene's.
+kept over all prompts, and its action followed, are above, equal to or below Break-a-Scene's.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ COLUMNS = [  # (header, category, metric)
     ("identity mixing", "overall", "identity_mixing"),
 ]
 NAMES = {"dynasyn": "DynASyn", "break-a-scene": "Break-a-Scene", "dreambooth": "DB (+mask)",
-         "mudi": "MuDI (Seg-Mix)", "text-ceiling": "text ceiling"}
+         "mudi": "MuDI (Seg-Mix)", "textual-inversion": "TI", "md": "MD + M2A",
+         "md+app": "MD + M2A + ICA", "md+act": "MD + M2A + AUG", "text-ceiling": "text ceiling"}
 CEILING = "text-ceiling"
 
 
@@ -71,27 +72,31 @@ def table(counts: dict, runs: dict) -> str:
     return "\n".join(lines)
 
 
-def paired(dirs: list[Path], a: str = "dynasyn", b: str = "break-a-scene") -> str:
-    """Identity kept over all prompts, ``a`` against ``b``, paired by scene and seed (the
-    categories weighted by their subject images: plain 1, action 1, interaction 2)."""
-    weights = {"plain": 1, "action": 1, "interaction": 2}
-    ident: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+def paired(dirs: list[Path], metric: str = "identity_kept", a: str = "dynasyn",
+           b: str = "break-a-scene") -> str:
+    """``metric`` of ``a`` against ``b``, paired by scene and seed: identity kept over all
+    prompts (categories weighted by their subject images: plain 1, action 1, interaction 2)
+    or action followed over the action and interaction prompts (1 and 1)."""
+    weights = ({"plain": 1, "action": 1, "interaction": 2} if metric == "identity_kept"
+               else {"action": 1, "interaction": 1})
+    value: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
     for d in dirs:
         acc: dict[tuple[str, str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
         for r in csv.DictReader((d / "cells.csv").open()):
-            if r["category"] in weights and r["identity_kept"]:
+            if r["category"] in weights and r[metric]:
                 w = weights[r["category"]]
                 s = acc[(r["scene"], r["seed"], r["preset"])]
-                s[0] += w * float(r["identity_kept"])
+                s[0] += w * float(r[metric])
                 s[1] += w
         for (scene, seed, preset), (num, den) in acc.items():
-            ident[(scene, seed)][preset] = num / den
-    pairs = [v for v in ident.values() if a in v and b in v]
+            value[(scene, seed)][preset] = num / den
+    pairs = [v for v in value.values() if a in v and b in v]
     above = sum(v[a] > v[b] for v in pairs)
     below = sum(v[a] < v[b] for v in pairs)
-    return (f"{NAMES[a]} vs {NAMES[b]}, identity kept over all prompts, paired by scene and "
-            f"seed: above in {above}, equal in {len(pairs) - above - below}, below in {below} "
-            f"of {len(pairs)} runs")
+    what = ("identity kept over all prompts" if metric == "identity_kept"
+            else "action followed over the action and interaction prompts")
+    return (f"{NAMES[a]} vs {NAMES[b]}, {what}, paired by scene and seed: above in {above}, "
+            f"equal in {len(pairs) - above - below}, below in {below} of {len(pairs)} runs")
 
 
 def main() -> None:
@@ -100,7 +105,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     counts, runs = pooled(args.dirs)
-    text = table(counts, runs) + "\n\n" + paired(args.dirs) + "\n"
+    text = (table(counts, runs) + "\n\n" + paired(args.dirs) + "\n\n"
+            + paired(args.dirs, "action_followed") + "\n")
     print(text)
     if args.out:
         args.out.write_text(text)
