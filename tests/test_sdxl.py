@@ -241,3 +241,16 @@ def test_four_subject_lora_sdxl_run_trains_generates_exports(tiny_xl, scene4, tm
     ours = _images(load_run(run, device="cpu"), prompt)
     assert torch.allclose(torch.from_numpy(_images(pipe, prompt)), torch.from_numpy(ours),
                           atol=1e-4)
+
+
+def test_break_a_scene_prior_preservation_on_sdxl(tiny_xl, scene2, tmp_path):
+    """The break-a-scene preset's class images are rendered by the SDXL base pipeline and its
+    prior loss runs through both encoders in phase 2 (not in phase 1)."""
+    cfg = build_config("break-a-scene", overrides=dict(
+        model=str(tiny_xl), scene=str(scene2), phase1_steps=1, phase2_steps=2,
+        num_class_images=2, log_every=1))
+    train(cfg, tmp_path / "bas", progress=False)
+    log = [json.loads(x) for x in (tmp_path / "bas" / "logs" / "losses.jsonl").read_text()
+           .splitlines()]
+    assert ["prior" in r for r in log] == [False, True, True]
+    assert all(r["prior"] > 0 for r in log[1:])
