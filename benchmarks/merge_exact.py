@@ -7,6 +7,8 @@ Each ``DIR`` holds a benchmark's ``exact.csv`` and ``cells.csv`` (its ``--out``,
 those two files). Image counts ``k / n`` are summed per preset, category and metric and the
 rates get 95 % Wilson intervals over the pooled images; the text ceiling, which depends on the
 scenes and evaluation seeds only, is taken from the first directory that has it (not summed).
+With ``--seed S`` only the runs of training seed ``S`` are pooled: their image counts are
+rebuilt from ``cells.csv`` (a cell's rate times its images, ``n / runs`` in ``exact.csv``).
 Then, paired by scene and training seed from ``cells.csv``: in how many runs DynASyn's identity
 kept over all prompts, and its action followed, are above, equal to or below Break-a-Scene's.
 """
@@ -51,6 +53,36 @@ def pooled(dirs: list[Path]) -> tuple[dict, dict]:
         for preset in {r["preset"] for r in rows}:
             if preset != CEILING or ceiling_from == d:
                 runs[preset] += max(int(r["runs"] or 0) for r in rows if r["preset"] == preset)
+    return counts, runs
+
+
+def pooled_seed(dirs: list[Path], seed: str) -> tuple[dict, dict]:
+    """:func:`pooled` restricted to the runs of training seed ``seed`` (the ceiling kept)."""
+    counts: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
+    runs: dict[str, int] = defaultdict(int)
+    all_counts, all_runs = pooled(dirs)
+    for key, kn in all_counts.items():
+        if key[0] == CEILING:
+            counts[key] = kn
+    runs[CEILING] = all_runs.get(CEILING, 0)
+    metrics = {k[2] for k in all_counts}
+    for d in dirs:
+        for r in csv.DictReader((d / "cells.csv").open()):
+            if r["seed"] != seed or r["preset"] == CEILING:
+                continue
+            if r["category"] == "plain":
+                runs[r["preset"]] += 1
+            for metric in metrics:
+                total = all_counts.get((r["preset"], r["category"], metric))
+                if not r.get(metric) or not total or not total[1]:
+                    continue
+                n = total[1] // all_runs[r["preset"]]
+                k = round(float(r[metric]) * n)
+                for cat in (r["category"], "overall") + (
+                        ("acting",) if r["category"] != "plain" else ()):
+                    c = counts[(r["preset"], cat, metric)]
+                    c[0] += k
+                    c[1] += n
     return counts, runs
 
 
@@ -103,8 +135,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", type=Path)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--seed", help="pool only the runs of this training seed")
     args = ap.parse_args()
-    counts, runs = pooled(args.dirs)
+    counts, runs = pooled_seed(args.dirs, args.seed) if args.seed else pooled(args.dirs)
     text = (table(counts, runs) + "\n\n" + paired(args.dirs) + "\n\n"
             + paired(args.dirs, "action_followed") + "\n")
     print(text)
