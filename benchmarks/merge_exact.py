@@ -6,7 +6,8 @@
 Each ``DIR`` holds a benchmark's ``exact.csv`` and ``cells.csv`` (its ``--out``, or a copy of
 those two files). Image counts ``k / n`` are summed per preset, category and metric and the
 rates get 95 % Wilson intervals over the pooled images; the text ceiling, which depends on the
-scenes and evaluation seeds only, is taken from the first directory that has it (not summed).
+scenes and evaluation seeds only, is counted once per scene (taken from the first directory
+of each scene set: directories over the same scenes do not add it up, over other scenes do).
 With ``--seed S`` only the runs of training seed ``S`` are pooled: their image counts are
 rebuilt from ``cells.csv`` (a cell's rate times its images, ``n / runs`` in ``exact.csv``).
 Then, paired by scene and training seed from ``cells.csv``: in how many runs DynASyn's identity
@@ -35,23 +36,37 @@ NAMES = {"dynasyn": "DynASyn", "break-a-scene": "Break-a-Scene", "dreambooth": "
 CEILING = "text-ceiling"
 
 
+def scenes_of(d: Path) -> frozenset[str]:
+    """The scenes of a benchmark directory, from its ``cells.csv``."""
+    return frozenset(r["scene"] for r in csv.DictReader((d / "cells.csv").open()))
+
+
 def pooled(dirs: list[Path]) -> tuple[dict, dict]:
-    """``{(preset, category, metric): [k, n]}`` and ``{preset: runs}`` over ``dirs``."""
+    """``{(preset, category, metric): [k, n]}`` and ``{preset: runs}`` over ``dirs``.
+
+    The text ceiling is counted once per scene: from the first directory of each scene set
+    (directories over disjoint scene sets add theirs up; one that shares only some scenes with
+    an earlier one is refused)."""
     counts: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
     runs: dict[str, int] = defaultdict(int)
-    ceiling_from = None
+    ceiling_scenes: set[str] = set()
     for d in dirs:
         rows = list(csv.DictReader((d / "exact.csv").open()))
+        scenes = scenes_of(d)
+        use_ceiling = any(r["preset"] == CEILING for r in rows) and not scenes & ceiling_scenes
+        if scenes & ceiling_scenes and not scenes <= ceiling_scenes:
+            raise SystemExit(f"{d} shares only some scenes with an earlier directory; "
+                             "pool directories over the same or over disjoint scenes")
+        if use_ceiling:
+            ceiling_scenes |= scenes
         for r in rows:
-            if r["preset"] == CEILING:
-                if ceiling_from not in (None, d):
-                    continue
-                ceiling_from = d
+            if r["preset"] == CEILING and not use_ceiling:
+                continue
             c = counts[(r["preset"], r["category"], r["metric"])]
             c[0] += int(r["k"])
             c[1] += int(r["n"])
         for preset in {r["preset"] for r in rows}:
-            if preset != CEILING or ceiling_from == d:
+            if preset != CEILING or use_ceiling:
                 runs[preset] += max(int(r["runs"] or 0) for r in rows if r["preset"] == preset)
     return counts, runs
 
@@ -105,17 +120,18 @@ def table(counts: dict, runs: dict) -> str:
 
 
 def paired(dirs: list[Path], metric: str = "identity_kept", a: str = "dynasyn",
-           b: str = "break-a-scene") -> str:
+           b: str = "break-a-scene", seed: str | None = None) -> str:
     """``metric`` of ``a`` against ``b``, paired by scene and seed: identity kept over all
     prompts (categories weighted by their subject images: plain 1, action 1, interaction 2)
-    or action followed over the action and interaction prompts (1 and 1)."""
+    or action followed over the action and interaction prompts (1 and 1). With ``seed``, only
+    that training seed's runs."""
     weights = ({"plain": 1, "action": 1, "interaction": 2} if metric == "identity_kept"
                else {"action": 1, "interaction": 1})
     value: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
     for d in dirs:
         acc: dict[tuple[str, str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
         for r in csv.DictReader((d / "cells.csv").open()):
-            if r["category"] in weights and r[metric]:
+            if r["category"] in weights and r[metric] and seed in (None, r["seed"]):
                 w = weights[r["category"]]
                 s = acc[(r["scene"], r["seed"], r["preset"])]
                 s[0] += w * float(r[metric])
@@ -138,8 +154,8 @@ def main() -> None:
     ap.add_argument("--seed", help="pool only the runs of this training seed")
     args = ap.parse_args()
     counts, runs = pooled_seed(args.dirs, args.seed) if args.seed else pooled(args.dirs)
-    text = (table(counts, runs) + "\n\n" + paired(args.dirs) + "\n\n"
-            + paired(args.dirs, "action_followed") + "\n")
+    text = (table(counts, runs) + "\n\n" + paired(args.dirs, seed=args.seed) + "\n\n"
+            + paired(args.dirs, "action_followed", seed=args.seed) + "\n")
     print(text)
     if args.out:
         args.out.write_text(text)

@@ -40,3 +40,21 @@ def test_seeds_split_and_add_up_to_the_pooled_table():
     assert s0[("dynasyn", "overall", "identity_kept")] != s1[("dynasyn", "overall", "identity_kept")]
     three = m.pooled([HELDOUT, HELDOUT / "seed2"])[0]
     assert three[("dynasyn", "overall", "identity_kept")][1] == 3 * s0[("dynasyn", "overall", "identity_kept")][1]
+
+
+def test_the_ceiling_counts_once_per_scene():
+    m = _merge()
+    key = (m.CEILING, "overall", "identity_kept")
+    held, held_runs = m.pooled([HELDOUT])
+    tune, tune_runs = m.pooled([ROOT / "docs" / "bench-tune"])
+    same, same_runs = m.pooled([HELDOUT, HELDOUT / "seed2"])
+    both, both_runs = m.pooled([HELDOUT, ROOT / "docs" / "bench-tune"])
+    assert same[key] == held[key] and same_runs[m.CEILING] == held_runs[m.CEILING] == 5
+    assert both[key] == [held[key][0] + tune[key][0], held[key][1] + tune[key][1]]
+    assert both_runs[m.CEILING] == 10
+
+
+def test_paired_counts_only_the_asked_seed():
+    m = _merge()
+    assert "of 10 runs" in m.paired([HELDOUT])
+    assert "of 5 runs" in m.paired([HELDOUT], seed="0")
