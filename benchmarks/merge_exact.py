@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -55,8 +56,9 @@ def pooled(dirs: list[Path]) -> tuple[dict, dict]:
         scenes = scenes_of(d)
         use_ceiling = any(r["preset"] == CEILING for r in rows) and not scenes & ceiling_scenes
         if scenes & ceiling_scenes and not scenes <= ceiling_scenes:
-            raise SystemExit(f"{d} shares only some scenes with an earlier directory; "
-                             "pool directories over the same or over disjoint scenes")
+            print(f"merge_exact: {d} shares only some scenes with an earlier directory; "
+                  "pool directories over the same or over disjoint scenes", file=sys.stderr)
+            raise SystemExit(2)
         if use_ceiling:
             ceiling_scenes |= scenes
         for r in rows:
