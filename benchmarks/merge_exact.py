@@ -12,6 +12,9 @@ With ``--seed S`` only the runs of training seed ``S`` are pooled: their image c
 rebuilt from ``cells.csv`` (a cell's rate times its images, ``n / runs`` in ``exact.csv``).
 Then, paired by scene and training seed from ``cells.csv``: in how many runs DynASyn's identity
 kept over all prompts, and its action followed, are above, equal to or below Break-a-Scene's.
+With ``--plot PNG``, the pooled identity-vs-action plot of every run of every directory (the
+benchmark's own :func:`~dynasyn.evaluate.benchmark.identity_action_plot`: one small dot per
+run, a large one per preset with its pooled Wilson interval, the text ceiling pooled).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from dynasyn.atomic import atomic_file
+from dynasyn.config import atomic_write_text
 from dynasyn.evaluate.metrics import wilson_interval
 
 COLUMNS = [  # (header, category, metric)
@@ -138,8 +143,8 @@ def paired(dirs: list[Path], metric: str = "identity_kept", a: str = "dynasyn",
                 s = acc[(r["scene"], r["seed"], r["preset"])]
                 s[0] += w * float(r[metric])
                 s[1] += w
-        for (scene, seed, preset), (num, den) in acc.items():
-            value[(scene, seed)][preset] = num / den
+        for (scene, run_seed, preset), (num, den) in acc.items():
+            value[(scene, run_seed)][preset] = num / den
     pairs = [v for v in value.values() if a in v and b in v]
     above = sum(v[a] > v[b] for v in pairs)
     below = sum(v[a] < v[b] for v in pairs)
@@ -149,18 +154,81 @@ def paired(dirs: list[Path], metric: str = "identity_kept", a: str = "dynasyn",
             f"equal in {len(pairs) - above - below}, below in {below} of {len(pairs)} runs")
 
 
+ACTING = ("action", "interaction")
+
+
+def run_points(dirs: list[Path]) -> list[dict]:
+    """One point per run (scene, preset, training seed) of every directory: its identity kept
+    and action followed over the images of the action and interaction prompts, each category
+    weighted by its images per run (``n / runs`` of that directory's ``exact.csv``)."""
+    points = []
+    for d in dirs:
+        per_run: dict[tuple[str, str, str], float] = {}
+        for r in csv.DictReader((d / "exact.csv").open()):
+            if r["preset"] != CEILING and r["category"] in ACTING and int(r["runs"] or 0):
+                per_run[(r["preset"], r["category"], r["metric"])] = int(r["n"]) / int(r["runs"])
+        acc: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(
+            lambda: defaultdict(lambda: [0.0, 0.0]))
+        for r in csv.DictReader((d / "cells.csv").open()):
+            if r["category"] not in ACTING or r["preset"] == CEILING:
+                continue
+            for metric in ("identity_kept", "action_followed"):
+                n = per_run.get((r["preset"], r["category"], metric), 0)
+                if r.get(metric) and n:
+                    s = acc[(r["scene"], r["seed"], r["preset"])][metric]
+                    s[0] += float(r[metric]) * n
+                    s[1] += n
+        for (scene, seed, preset), m in acc.items():
+            points.append({"scene": scene, "seed": seed, "preset": preset,
+                           **{k: (m[k][0] / m[k][1] if m[k][1] else None)
+                              for k in ("identity_kept", "action_followed")}})
+    return points
+
+
+def plot_stats(counts: dict, runs: dict, points: list[dict]) -> dict:
+    """The pooled counts in the shape :func:`identity_action_plot` reads (``"exact"``,
+    ``"exact_ceiling"``, ``"exact_runs"``); intervals are Wilson over the pooled images."""
+    def acting(preset: str) -> dict:
+        out = {}
+        for metric in ("identity_kept", "action_followed"):
+            k = sum(counts.get((preset, c, metric), (0, 0))[0] for c in ACTING)
+            n = sum(counts.get((preset, c, metric), (0, 0))[1] for c in ACTING)
+            out[metric] = {"k": k, "n": n, "runs": runs.get(preset, 0),
+                           "rate": k / n if n else None,
+                           "ci95": list(wilson_interval(k, n)) if n else None}
+        return {"acting": out}
+
+    presets = [p for p in NAMES if p != CEILING and any(k[0] == p for k in counts)]
+    return {"exact": {p: acting(p) for p in presets},
+            "exact_ceiling": acting(CEILING) if runs.get(CEILING) else {},
+            "exact_runs": points}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", type=Path)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--seed", help="pool only the runs of this training seed")
+    ap.add_argument("--plot", type=Path, help="write the pooled identity-vs-action plot here")
     args = ap.parse_args()
     counts, runs = pooled_seed(args.dirs, args.seed) if args.seed else pooled(args.dirs)
     text = (table(counts, runs) + "\n\n" + paired(args.dirs, seed=args.seed) + "\n\n"
             + paired(args.dirs, "action_followed", seed=args.seed) + "\n")
     print(text)
     if args.out:
-        args.out.write_text(text)
+        atomic_write_text(args.out, text)
+    if args.plot:
+        from dynasyn.evaluate.benchmark import identity_action_plot
+
+        points = [p for p in run_points(args.dirs) if args.seed in (None, p["seed"])]
+        image = identity_action_plot(plot_stats(counts, runs, points))
+        if image is None:
+            print("merge_exact: no run has exact metrics of action prompts to plot",
+                  file=sys.stderr)
+            raise SystemExit(2)
+        with atomic_file(args.plot) as tmp:
+            image.save(tmp, format="PNG")
+        print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":

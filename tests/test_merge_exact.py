@@ -58,3 +58,48 @@ def test_paired_counts_only_the_asked_seed():
     m = _merge()
     assert "of 10 runs" in m.paired([HELDOUT])
     assert "of 5 runs" in m.paired([HELDOUT], seed="0")
+
+
+def test_paired_over_several_directories_counts_every_seed():
+    # regression: the loop over one directory's runs used to overwrite the ``seed`` filter,
+    # so a second directory's runs of other seeds were dropped
+    m = _merge()
+    assert "of 15 runs" in m.paired([HELDOUT, HELDOUT / "seed2"])
+    assert "of 15 runs" in m.paired([HELDOUT / "seed2", HELDOUT])
+    assert "of 5 runs" in m.paired([HELDOUT, HELDOUT / "seed2"], seed="2")
+
+
+def test_run_points_rebuild_the_pooled_acting_rates(tmp_path):
+    m = _merge()
+    dirs = [HELDOUT, HELDOUT / "seed2"]
+    counts, runs = m.pooled(dirs)
+    points = m.run_points(dirs)
+    dyn = [p for p in points if p["preset"] == "dynasyn"]
+    assert len(dyn) == runs["dynasyn"] == 15
+    assert len({(p["scene"], p["seed"]) for p in dyn}) == 15
+    stats = m.plot_stats(counts, runs, points)
+    for metric in ("identity_kept", "action_followed"):
+        pooled = stats["exact"]["dynasyn"]["acting"][metric]
+        # every run has the same images, so the pooled rate is the mean of the runs' rates
+        mean = sum(p[metric] for p in dyn) / len(dyn)
+        assert abs(pooled["rate"] - mean) < 1e-3, (metric, pooled["rate"], mean)
+        lo, hi = pooled["ci95"]
+        assert lo < pooled["rate"] < hi
+    assert stats["exact_ceiling"]["acting"]["identity_kept"]["n"] > 0
+    from dynasyn.evaluate.benchmark import identity_action_plot
+
+    image = identity_action_plot(stats)
+    assert image is not None and image.size == (760, 560)
+
+
+def test_cli_writes_the_table_and_the_plot(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    m = _merge()
+    out, png = tmp_path / "t.md", tmp_path / "p.png"
+    monkeypatch.setattr("sys.argv", ["merge_exact", str(HELDOUT), str(HELDOUT / "seed2"),
+                                     "--out", str(out), "--plot", str(png)])
+    m.main()
+    assert "| DynASyn | 15 |" in out.read_text()
+    assert Image.open(png).size == (760, 560)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "t.md"]
