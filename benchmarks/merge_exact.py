@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import random
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -150,8 +151,33 @@ def paired(dirs: list[Path], metric: str = "identity_kept", a: str = "dynasyn",
     below = sum(v[a] < v[b] for v in pairs)
     what = ("identity kept over all prompts" if metric == "identity_kept"
             else "action followed over the action and interaction prompts")
-    return (f"{NAMES[a]} vs {NAMES[b]}, {what}, paired by scene and seed: above in {above}, "
+    text = (f"{NAMES[a]} vs {NAMES[b]}, {what}, paired by scene and seed: above in {above}, "
             f"equal in {len(pairs) - above - below}, below in {below} of {len(pairs)} runs")
+    diffs: dict[str, list[float]] = defaultdict(list)
+    for (scene, _), v in value.items():
+        if a in v and b in v:
+            diffs[scene].append(100 * (v[a] - v[b]))
+    if diffs:
+        mean, lo, hi = scene_bootstrap(diffs)
+        text += (f"; mean difference {mean:+.1f} points [95 % bootstrap over the "
+                 f"{len(diffs)} scenes: {lo:+.1f}, {hi:+.1f}]")
+    return text
+
+
+def scene_bootstrap(diffs: dict[str, list[float]], draws: int = 4000,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """Mean of the paired differences of every run and its 95 % percentile interval,
+    resampling whole scenes (with all their seeds) with replacement: runs of one scene share
+    the scene, so the scene is the unit that varies."""
+    rng = random.Random(seed)
+    scenes = sorted(diffs)
+
+    def mean_of(chosen: list[str]) -> float:
+        values = [x for sc in chosen for x in diffs[sc]]
+        return sum(values) / len(values)
+
+    means = sorted(mean_of([rng.choice(scenes) for _ in scenes]) for _ in range(draws))
+    return mean_of(scenes), means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
 
 
 ACTING = ("action", "interaction")

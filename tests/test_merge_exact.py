@@ -103,3 +103,14 @@ def test_cli_writes_the_table_and_the_plot(tmp_path, monkeypatch, capsys):
     assert "| DynASyn | 15 |" in out.read_text()
     assert Image.open(png).size == (760, 560)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "t.md"]
+
+
+def test_scene_bootstrap_resamples_whole_scenes():
+    m = _merge()
+    # one scene far ahead, one far behind: the mean is between, the interval spans both
+    mean, lo, hi = m.scene_bootstrap({"a": [10.0, 10.0, 10.0], "b": [-2.0]})
+    assert mean == 7.0 and lo == -2.0 and hi == 10.0
+    mean, lo, hi = m.scene_bootstrap({"a": [1.0, 3.0], "b": [2.0, 2.0], "c": [5.0, -1.0]})
+    assert mean == 2.0 and lo == hi == 2.0  # every scene averages 2
+    text = m.paired([HELDOUT, HELDOUT / "seed2"])
+    assert "bootstrap over the 5 scenes" in text
