@@ -11,7 +11,8 @@ of each scene set: directories over the same scenes do not add it up, over other
 With ``--seed S`` only the runs of training seed ``S`` are pooled: their image counts are
 rebuilt from ``cells.csv`` (a cell's rate times its images, ``n / runs`` in ``exact.csv``).
 Then, paired by scene and training seed from ``cells.csv``: in how many runs DynASyn's identity
-kept over all prompts, and its action followed, are above, equal to or below Break-a-Scene's.
+kept over all prompts, and its action followed, are above, equal to or below Break-a-Scene's, with the
+mean difference and a 95 % bootstrap interval over scenes.
 With ``--plot PNG``, the pooled identity-vs-action plot of every run of every directory (the
 benchmark's own :func:`~dynasyn.evaluate.benchmark.identity_action_plot`: one small dot per
 run, a large one per preset with its pooled Wilson interval, the text ceiling pooled).
@@ -21,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import random
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from dynasyn.atomic import atomic_file
 from dynasyn.config import atomic_write_text
-from dynasyn.evaluate.metrics import wilson_interval
+from dynasyn.evaluate.metrics import bootstrap_interval, wilson_interval
 
 COLUMNS = [  # (header, category, metric)
     ("identity kept, all prompts", "overall", "identity_kept"),
@@ -164,20 +164,15 @@ def paired(dirs: list[Path], metric: str = "identity_kept", a: str = "dynasyn",
     return text
 
 
-def scene_bootstrap(diffs: dict[str, list[float]], draws: int = 4000,
-                    seed: int = 0) -> tuple[float, float, float]:
-    """Mean of the paired differences of every run and its 95 % percentile interval,
-    resampling whole scenes (with all their seeds) with replacement: runs of one scene share
-    the scene, so the scene is the unit that varies."""
-    rng = random.Random(seed)
-    scenes = sorted(diffs)
-
-    def mean_of(chosen: list[str]) -> float:
-        values = [x for sc in chosen for x in diffs[sc]]
-        return sum(values) / len(values)
-
-    means = sorted(mean_of([rng.choice(scenes) for _ in scenes]) for _ in range(draws))
-    return mean_of(scenes), means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
+def scene_bootstrap(diffs: dict[str, list[float]]) -> tuple[float, float, float]:
+    """Mean of the paired differences of every run and its 95 % interval from the project's
+    cluster bootstrap (:func:`~dynasyn.evaluate.metrics.bootstrap_interval`) with whole scenes
+    (all their seeds) as the clusters: runs of one scene share the scene, so the scene is the
+    unit that varies. One scene gives a zero-width interval."""
+    groups = [(sum(d), len(d)) for d in diffs.values()]
+    mean = sum(k for k, _ in groups) / sum(n for _, n in groups)
+    lo, hi = bootstrap_interval(groups) or (mean, mean)
+    return mean, lo, hi
 
 
 ACTING = ("action", "interaction")
@@ -240,18 +235,20 @@ def main() -> None:
     counts, runs = pooled_seed(args.dirs, args.seed) if args.seed else pooled(args.dirs)
     text = (table(counts, runs) + "\n\n" + paired(args.dirs, seed=args.seed) + "\n\n"
             + paired(args.dirs, "action_followed", seed=args.seed) + "\n")
-    print(text)
-    if args.out:
-        atomic_write_text(args.out, text)
+    image = None
     if args.plot:
         from dynasyn.evaluate.benchmark import identity_action_plot
 
         points = [p for p in run_points(args.dirs) if args.seed in (None, p["seed"])]
         image = identity_action_plot(plot_stats(counts, runs, points))
         if image is None:
-            print("merge_exact: no run has exact metrics of action prompts to plot",
-                  file=sys.stderr)
+            print("merge_exact: no run has exact metrics of action prompts to plot; "
+                  "give directories of micro-world benchmarks", file=sys.stderr)
             raise SystemExit(2)
+    print(text)
+    if args.out:
+        atomic_write_text(args.out, text)
+    if image is not None:
         with atomic_file(args.plot) as tmp:
             image.save(tmp, format="PNG")
         print(f"plot: {args.plot}")

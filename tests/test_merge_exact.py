@@ -114,3 +114,26 @@ def test_scene_bootstrap_resamples_whole_scenes():
     assert mean == 2.0 and lo == hi == 2.0  # every scene averages 2
     text = m.paired([HELDOUT, HELDOUT / "seed2"])
     assert "bootstrap over the 5 scenes" in text
+
+
+def test_plot_without_action_prompts_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    import csv
+
+    import pytest
+
+    m = _merge()
+    d = tmp_path / "plain_only"
+    d.mkdir()
+    for name in ("exact.csv", "cells.csv"):
+        rows = list(csv.DictReader((HELDOUT / "seed2" / name).open()))
+        with (d / name).open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(r for r in rows if r["category"] in ("plain", "overall"))
+    out, png = tmp_path / "t.md", tmp_path / "p.png"
+    monkeypatch.setattr("sys.argv", ["merge_exact", str(d), "--out", str(out), "--plot", str(png)])
+    with pytest.raises(SystemExit) as e:
+        m.main()
+    assert e.value.code == 2
+    assert "no run has exact metrics of action prompts" in capsys.readouterr().err
+    assert not out.exists() and not png.exists()
